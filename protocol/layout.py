@@ -1,0 +1,128 @@
+"""Block-aligned slot layout: where each record sits in the CKKS slots. Plain numpy.
+
+For one blocking pass with K buckets of P slots, bucket b owns the P
+consecutive slots starting at b * P, and the slots are cut into groups of
+``SLOTS`` (one ciphertext per dimension per group). The layout is public: it
+follows from K and P alone, so the server learns nothing about which bucket a
+client record is in, and every bucket looks full.
+
+- Client: the records of bucket b fill its P slots in file order; a record
+  beyond the P-th of its bucket takes no part in this pass. For group g and
+  dimension k the client encrypts the vector whose slot s holds component k of
+  the record in slot s (zero for an empty slot).
+- Server: the records of bucket b, shuffled per session, are its positions
+  0, 1, ...; group g has Q_g positions, the size of its largest bucket. For
+  position q and dimension k the server's plaintext holds, in every slot of
+  bucket b, component k of the q-th record of b (zero if b has fewer).
+
+Then sum over k of ciphertext(g, k) * plaintext(g, q, k) holds, in slot s, the
+score of the client record in s against the q-th server record of its own
+bucket: every bucket at once, and no rotation.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+
+SLOTS = 4096
+
+
+def bucket_count(client_records: int, slots_per_bucket: int, capacity_factor: float) -> int:
+    """The power-of-two K that gives ``capacity_factor`` slots per client record.
+
+    At least one group's worth, so that K * P is a whole number of groups.
+    """
+    wanted = math.ceil(max(client_records, 1) * capacity_factor / slots_per_bucket)
+    minimum = SLOTS // slots_per_bucket
+    return max(minimum, 1 << (wanted - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class PassShape:
+    """What both sides agree on for one pass: K buckets of P slots."""
+
+    buckets: int
+    slots_per_bucket: int
+
+    @property
+    def groups(self) -> int:
+        return self.buckets * self.slots_per_bucket // SLOTS
+
+    @property
+    def buckets_per_group(self) -> int:
+        return SLOTS // self.slots_per_bucket
+
+
+def client_slots(bucket_of: np.ndarray, shape: PassShape) -> np.ndarray:
+    """Global slot of every client record in this pass, or -1 if it sits out."""
+    slot = np.full(len(bucket_of), -1, dtype=np.int64)
+    filled = np.zeros(shape.buckets, dtype=np.int64)
+    for row, bucket in enumerate(bucket_of):
+        if bucket >= 0 and filled[bucket] < shape.slots_per_bucket:
+            slot[row] = bucket * shape.slots_per_bucket + filled[bucket]
+            filled[bucket] += 1
+    return slot
+
+
+def client_group_matrix(vectors: np.ndarray, slot: np.ndarray, group: int) -> np.ndarray:
+    """(dims, SLOTS) matrix of group ``group``: column s is the record in slot s."""
+    out = np.zeros((vectors.shape[1], SLOTS), dtype=np.float64)
+    here = (slot >= group * SLOTS) & (slot < (group + 1) * SLOTS)
+    out[:, slot[here] - group * SLOTS] = vectors[here].T
+    return out
+
+
+def server_positions(
+    bucket_of: np.ndarray, shape: PassShape, shuffle: bool = True
+) -> list[np.ndarray]:
+    """For each group, a (Q_g, SLOTS) array of server record indices, -1 = none.
+
+    Members of each bucket are shuffled with a cryptographic source, so a
+    position names no server record outside this session.
+    """
+    members = _bucket_members(bucket_of, shape.buckets, shuffle)
+    groups = []
+    for g in range(shape.groups):
+        first = g * shape.buckets_per_group
+        own = members[first : first + shape.buckets_per_group]
+        depth = max((len(m) for m in own), default=0)
+        table = np.full((depth, len(own)), -1, dtype=np.int64)
+        for b, rows in enumerate(own):
+            table[: len(rows), b] = rows
+        groups.append(np.repeat(table, shape.slots_per_bucket, axis=1))
+    return groups
+
+
+def _bucket_members(bucket_of: np.ndarray, buckets: int, shuffle: bool) -> list[list[int]]:
+    members: list[list[int]] = [[] for _ in range(buckets)]
+    for row, bucket in enumerate(bucket_of):
+        if bucket >= 0:
+            members[bucket].append(row)
+    if shuffle:
+        for rows in members:
+            _secure_shuffle(rows)
+    return members
+
+
+def _secure_shuffle(items: list[int]) -> None:
+    for i in range(len(items) - 1, 0, -1):
+        j = secrets.randbelow(i + 1)
+        items[i], items[j] = items[j], items[i]
+
+
+def server_plain_matrix(vectors: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """(dims, SLOTS) plaintext values for one position row (zeros where -1)."""
+    out = vectors[np.maximum(positions, 0)].T.astype(np.float64)
+    out[:, positions < 0] = 0.0
+    return out
+
+
+def server_value_row(values: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Per-slot value of the server record at each slot of one position row."""
+    out = values[np.maximum(positions, 0)].astype(np.float64)
+    out[positions < 0] = 0.0
+    return out

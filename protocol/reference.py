@@ -1,0 +1,123 @@
+"""The linkage rule in plaintext, for tests and benchmarks only.
+
+The same encoding, blocking, slot capacity and threshold as the encrypted run,
+so that the two can be compared decision by decision. The rule:
+
+1. In each pass, a client record with a slot is compared with every server
+   record in its bucket; a pair is a candidate when its score passes the
+   threshold (inclusive or not, as the specification says).
+2. A client record links to all of its candidates in the first pass, in
+   specification order, in which it has any; later passes are not used for it,
+   so that one pair found by two passes counts once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .encoding import bucket_ids, encode_records, key_strings
+from .layout import PassShape, bucket_count, client_slots
+from .spec import LinkageSpec
+
+
+@dataclass(frozen=True)
+class PreparedRecords:
+    """One side's hash vectors and blocking keys (strings, one list per pass)."""
+
+    vectors: np.ndarray
+    keys: tuple[list[str], ...]
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def buckets(self, spec: LinkageSpec, shapes: list[PassShape]) -> list[np.ndarray]:
+        return [
+            bucket_ids(keys, blocking, shape.buckets)
+            for keys, blocking, shape in zip(self.keys, spec.passes, shapes)
+        ]
+
+
+def prepare(columns: dict[str, list], spec: LinkageSpec) -> PreparedRecords:
+    """Encode records given as {spec field name: list of values}."""
+    vectors = encode_records(columns, spec)
+    keys = tuple(key_strings(columns, blocking) for blocking in spec.passes)
+    return PreparedRecords(vectors=vectors, keys=keys)
+
+
+def pass_shapes(spec: LinkageSpec, client_records: int) -> list[PassShape]:
+    return [
+        PassShape(
+            bucket_count(client_records, p.slots_per_bucket, spec.capacity_factor),
+            p.slots_per_bucket,
+        )
+        for p in spec.passes
+    ]
+
+
+def reference_candidates(
+    spec: LinkageSpec, client: PreparedRecords, server: PreparedRecords
+) -> list[dict[int, list[int]]]:
+    """Per pass: client row -> server rows whose score passes the threshold."""
+    shapes = pass_shapes(spec, len(client))
+    found = []
+    for shape, c_bucket, s_bucket in zip(
+        shapes, client.buckets(spec, shapes), server.buckets(spec, shapes)
+    ):
+        slot = client_slots(c_bucket, shape)
+        members = _members(s_bucket)
+        found.append(_pass_candidates(spec, client, server, c_bucket, slot, members))
+    return found
+
+
+def _members(bucket_of: np.ndarray) -> dict[int, np.ndarray]:
+    order = np.argsort(bucket_of, kind="stable")
+    sorted_buckets = bucket_of[order]
+    edges = np.flatnonzero(np.diff(sorted_buckets)) + 1
+    return {
+        int(b[0]): rows
+        for b, rows in zip(np.split(sorted_buckets, edges), np.split(order, edges))
+        if len(b) and b[0] >= 0
+    }
+
+
+def _pass_candidates(spec, client, server, c_bucket, slot, members) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for row in np.flatnonzero(slot >= 0):
+        rows = members.get(int(c_bucket[row]))
+        if rows is None:
+            continue
+        scores = server.vectors[rows].astype(np.float64) @ client.vectors[row].astype(np.float64)
+        hits = [int(r) for r, s in zip(rows, scores) if spec.is_match(float(s))]
+        if hits:
+            out[int(row)] = hits
+    return out
+
+
+def first_pass_links(candidates: list[dict[int, list[int]]]) -> list[tuple[int, int]]:
+    """Apply step 2 of the rule: each client row keeps its first pass's candidates."""
+    links: list[tuple[int, int]] = []
+    done: set[int] = set()
+    for per_pass in candidates:
+        for row in sorted(per_pass):
+            if row not in done:
+                done.add(row)
+                links += [(row, s) for s in per_pass[row]]
+    return links
+
+
+def reference_links(
+    spec: LinkageSpec, client: PreparedRecords, server: PreparedRecords
+) -> list[tuple[int, int]]:
+    return first_pass_links(reference_candidates(spec, client, server))
+
+
+def link_quality(links: list[tuple[int, int]], truth: set[tuple[int, int]]) -> dict:
+    """Precision, recall and F1 of a set of (client row, server row) links."""
+    found = set(links)
+    true_positives = len(found & truth)
+    precision = true_positives / len(found) if found else 0.0
+    recall = true_positives / len(truth) if truth else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if true_positives else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "links": len(found)}
