@@ -29,6 +29,12 @@ from dataclasses import dataclass
 import numpy as np
 
 SLOTS = 4096
+SIZE_QUANTUM = 1024
+
+
+def padded_count(records: int) -> int:
+    """The client's record count rounded up to a multiple of 1024: all the server learns."""
+    return max(SIZE_QUANTUM, -(-records // SIZE_QUANTUM) * SIZE_QUANTUM)
 
 
 def bucket_count(client_records: int, slots_per_bucket: int, capacity_factor: float) -> int:

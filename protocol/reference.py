@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .encoding import bucket_ids, encode_records, key_strings
-from .layout import PassShape, bucket_count, client_slots
+from .layout import PassShape, bucket_count, client_slots, padded_count
 from .spec import LinkageSpec
 
 
@@ -46,10 +46,11 @@ def prepare(columns: dict[str, list], spec: LinkageSpec) -> PreparedRecords:
     return PreparedRecords(vectors=vectors, keys=keys)
 
 
-def pass_shapes(spec: LinkageSpec, client_records: int) -> list[PassShape]:
+def pass_shapes(spec: LinkageSpec, size_class: int) -> list[PassShape]:
+    """The pass shapes both sides derive from the client's padded record count."""
     return [
         PassShape(
-            bucket_count(client_records, p.slots_per_bucket, spec.capacity_factor),
+            bucket_count(size_class, p.slots_per_bucket, spec.capacity_factor),
             p.slots_per_bucket,
         )
         for p in spec.passes
@@ -60,7 +61,7 @@ def reference_candidates(
     spec: LinkageSpec, client: PreparedRecords, server: PreparedRecords
 ) -> list[dict[int, list[int]]]:
     """Per pass: client row -> server rows whose score passes the threshold."""
-    shapes = pass_shapes(spec, len(client))
+    shapes = pass_shapes(spec, padded_count(len(client)))
     found = []
     for shape, c_bucket, s_bucket in zip(
         shapes, client.buckets(spec, shapes), server.buckets(spec, shapes)

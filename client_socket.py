@@ -1,0 +1,102 @@
+"""Link your records to a server's under encryption and print an encrypted cross-tab.
+
+The client holds the only CKKS secret key. It sends its records encrypted,
+learns which of them found a match, and receives a table of averages that only
+it can decrypt, or a refusal when some cell holds too few linked people.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+
+from protocol.client import ClientResult, QueryRefused, make_query, run_client
+from protocol.framing import ProtocolError
+from protocol.he import DEFAULT_PARAMETERS
+from protocol.messages import Channel
+from protocol.records import InputError, linkage_columns, parse_mapping, read_csv
+from protocol.reference import prepare
+from protocol.spec import SpecError, load_spec
+from protocol.table import format_table
+
+EXIT_OK, EXIT_USAGE, EXIT_REFUSED, EXIT_PROTOCOL, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
+TIMEOUT = 600.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="exit codes: 0 table printed, 2 bad usage or input, 3 query refused by "
+               "the size check, 4 protocol or connection failure, 130 interrupted")
+    parser.add_argument("--host", default="127.0.0.1", help="server address")
+    parser.add_argument("--port", type=int, default=5050, metavar="PORT", help="server port")
+    parser.add_argument("--data", default="data/client.csv", metavar="CSV",
+                        help="the client's records")
+    parser.add_argument("--spec", default="data/spec_default.json", metavar="JSON",
+                        help="linkage specification (must equal the server's)")
+    parser.add_argument("--columns", default="", metavar="FIELD=COL[,...]",
+                        help="CSV column of each specification field, where the names differ")
+    parser.add_argument("--group-by", default="state", metavar="COL[,COL]",
+                        help="server column(s) to group by: one, or two for a two-way table")
+    parser.add_argument("--value", default="age", metavar="COL",
+                        help="server column to average")
+    parser.add_argument("--output", metavar="PATH", help="also write the table as CSV")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    group_by = tuple(c.strip() for c in args.group_by.split(",") if c.strip())
+    if not 1 <= len(group_by) <= 2:
+        parser.error(f"--group-by: expected one or two columns, found {args.group_by!r}")
+    args.group_by = group_by
+    return args
+
+
+def write_output(path: str, result: ClientResult) -> None:
+    """Write the CSV beside its final name, then rename: never half a file."""
+    import os
+
+    import pandas as pd
+
+    frame = pd.DataFrame(result.shape.labels(), columns=list(result.shape.group_by))
+    frame["average"] = result.averages
+    if result.counts is not None:
+        frame["count"] = result.counts
+    partial = f"{path}.partial"
+    frame.to_csv(partial, index=False)
+    os.replace(partial, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="client %(message)s")
+    try:
+        spec = load_spec(args.spec)
+        frame = read_csv(args.data)
+        records = prepare(linkage_columns(frame, spec, parse_mapping(args.columns), args.data), spec)
+    except (SpecError, InputError) as exc:
+        print(f"client: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    query = make_query(args.group_by, args.value, len(records), DEFAULT_PARAMETERS)
+    try:
+        with socket.create_connection((args.host, args.port), timeout=TIMEOUT) as sock:
+            result = run_client(Channel(sock), spec, query, records, not args.quiet)
+    except KeyboardInterrupt:
+        print("client: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except QueryRefused as exc:
+        print(f"client: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except (ProtocolError, OSError) as exc:
+        print(f"client: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_PROTOCOL
+    print(f"linked {int(result.matched.sum())} of {len(records)} records", file=sys.stderr)
+    print(format_table(result.shape, result.averages, result.counts))
+    if args.output:
+        write_output(args.output, result)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The client's side of one session: it holds the only secret key."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from . import crosstab, linkage, threshold
+from .framing import Frame, ProtocolError, decode_json_payload
+from .handshake import Query, ServerOffer, check_server_hello, client_hello
+from .he import Ckks, SecretKeyHolder, rotation_steps
+from .layout import SLOTS, client_group_matrix, client_slots, padded_count
+from .messages import Channel, Msg
+from .reference import PreparedRecords, pass_shapes
+from .spec import LinkageSpec
+from .table import TableShape
+
+logger = logging.getLogger(__name__)
+
+
+class QueryRefused(Exception):
+    """The server's size check refused the query; the message says why."""
+
+
+@dataclass
+class ClientResult:
+    shape: TableShape
+    averages: np.ndarray
+    counts: np.ndarray | None
+    matched: np.ndarray
+    candidates: list[dict[int, list[tuple[int, int]]]]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def make_query(group_by: tuple[str, ...], value: str, records: int,
+               parameters: str) -> Query:
+    return Query(tuple(group_by), value, padded_count(records), parameters)
+
+
+def run_client(channel: Channel, spec: LinkageSpec, query: Query,
+               records: PreparedRecords, progress: bool = True) -> ClientResult:
+    """Run every phase; raises QueryRefused, ProtocolError or OSError."""
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    shapes = pass_shapes(spec, query.size_class)
+    channel.send_json(Msg.CLIENT_HELLO, client_hello(spec, query))
+    offer = check_server_hello(channel.recv_json(Msg.SERVER_HELLO), query,
+                               [s.groups for s in shapes])
+    ckks = Ckks(query.parameters)
+    try:
+        keys = SecretKeyHolder(ckks, rotation_steps(SLOTS))
+        public_key, galois = keys.public_bytes()
+        channel.send(Msg.PUBLIC_KEY, public_key)
+        channel.send(Msg.GALOIS_KEYS, galois)
+        seconds["handshake"], clock = time.perf_counter() - clock, time.perf_counter()
+        candidates, slots = _linkage(channel, keys, spec, shapes, offer, records, progress)
+        seconds["linkage"], clock = time.perf_counter() - clock, time.perf_counter()
+        matched = _send_selection(channel, keys, candidates, slots, offer, progress)
+        seconds["selection"], clock = time.perf_counter() - clock, time.perf_counter()
+        averages, counts = _size_check_and_table(channel, keys, offer)
+        seconds["size check and table"] = time.perf_counter() - clock
+    finally:
+        ckks.close()
+    return ClientResult(offer.shape, averages, counts, matched, candidates, seconds)
+
+
+def _linkage(channel, keys, spec, shapes, offer, records, progress):
+    """Send every group, read the signs back; candidates[pass][row] = [(g, q)]."""
+    candidates: list[dict[int, list[tuple[int, int]]]] = []
+    slots = []
+    total = sum(s.groups for s in shapes)
+    final = keys.ckks.final_scale()
+    with tqdm(total=total, desc="client: encrypt and link", unit="group",
+              disable=not progress) as bar:
+        for shape, buckets, counts in zip(shapes, records.buckets(spec, shapes), offer.positions):
+            slot = client_slots(buckets, shape)
+            found: dict[int, list[tuple[int, int]]] = {}
+            for g, depth in enumerate(counts):
+                for row in client_group_matrix(records.vectors, slot, g):
+                    channel.send(Msg.QUERY_CT, keys.encrypt_to_bytes(row))
+                owner = linkage.slot_owners(slot, g)
+                for q in range(depth):
+                    blob = channel.recv(Msg.SCORE_CT)
+                    values = keys.decrypt(keys.ckks.load_ciphertext_untrusted(blob, 2, final))
+                    for r in linkage.decide(values, owner):
+                        found.setdefault(int(r), []).append((g, q))
+                bar.update()
+            candidates.append(found)
+            slots.append(slot)
+    return candidates, slots
+
+
+def _send_selection(channel, keys, candidates, slots, offer, progress) -> np.ndarray:
+    """Encrypt the links of the rule's step 2 (first pass with any candidate)."""
+    rows = len(slots[0])
+    matched = np.zeros(rows, dtype=bool)
+    chosen = []
+    for found in candidates:
+        keep = {r: hits for r, hits in found.items() if not matched[r]}
+        matched[list(keep)] = True
+        chosen.append(keep)
+    total = sum(sum(c) for c in offer.positions)
+    with tqdm(total=total, desc="client: encrypt selection", unit="ct",
+              disable=not progress) as bar:
+        for keep, slot, counts in zip(chosen, slots, offer.positions):
+            for g, depth in enumerate(counts):
+                selection = np.zeros((depth, SLOTS))
+                for r, hits in keep.items():
+                    for hg, q in hits:
+                        if hg == g:
+                            selection[q, slot[r] - g * SLOTS] = 1.0
+                for q in range(depth):
+                    channel.send(Msg.SELECTION_CT, keys.encrypt_to_bytes(selection[q]))
+                    bar.update()
+    return matched
+
+
+def _size_check_and_table(channel, keys, offer: ServerOffer):
+    final = keys.ckks.final_scale()
+    msg, payload = channel.recv_any(Msg.SIZE_CHECK, Msg.REFUSED)
+    if msg == Msg.REFUSED:
+        raise QueryRefused(_reason(payload))
+    asked = _json_int(payload, "values")
+    values = keys.decrypt(keys.ckks.load_ciphertext_untrusted(
+        channel.recv(Msg.SIZE_CHECK_CT), 2, final))
+    signs = threshold.answer_check(values, asked, offer.shape.cells)
+    channel.send_json(Msg.SIZE_CHECK_SIGNS, {"signs": signs})
+    msg, payload = channel.recv_any(Msg.TABLE, Msg.REFUSED)
+    if msg == Msg.REFUSED:
+        raise QueryRefused(_reason(payload))
+    header = _json(payload, Msg.TABLE)
+    scales = crosstab.TableScales(_positive(header, "value_scale"),
+                                  _positive(header, "count_scale"))
+    values = keys.decrypt(keys.ckks.load_ciphertext_untrusted(
+        channel.recv(Msg.TABLE_CT), 2, final))
+    return crosstab.read_table(values, offer.shape.cells, scales, offer.reveal_counts)
+
+
+def _json(payload: bytes, msg: Msg) -> dict:
+    return decode_json_payload(Frame(int(msg), payload))
+
+
+def _json_int(payload: bytes, key: str) -> int:
+    value = _json(payload, Msg.SIZE_CHECK).get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ProtocolError(f"size check: {key!r} must be a positive integer")
+    return value
+
+
+def _positive(header: dict, key: str) -> float:
+    value = header.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ProtocolError(f"table header: {key!r} must be a positive number")
+    return float(value)
+
+
+def _reason(payload: bytes) -> str:
+    reason = _json(payload, Msg.REFUSED).get("reason")
+    return reason if isinstance(reason, str) else "query refused by the server"

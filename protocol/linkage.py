@@ -1,0 +1,133 @@
+"""Phase 2, linkage: scores under encryption, blinded so that only signs can be read.
+
+What crosses the wire, for every blocking pass and every group of its slot
+layout (see :mod:`.layout`), in lockstep:
+
+- C -> S: ``dims`` QUERY_CT, the client's records of that group, one
+  ciphertext per dimension (fresh, top level, scale 2^40).
+- S -> C: Q_g SCORE_CT, one per server position q, at the last level. Slot s
+  holds r_s * (score(s, q) - threshold) + e_s, where score(s, q) is the dot
+  product of the client record in slot s with the q-th server record of its
+  bucket, r_s = 2^u with u uniform in [-4, 4) drawn afresh for every slot of
+  every ciphertext, and e_s is noise far below CKKS's precision of a decision.
+  The server adds a fresh encryption of zero to every ciphertext it returns.
+
+Who learns what:
+
+- The server sees only ciphertexts. Their count follows from the public layout
+  (the client's padded size and the specification), never from which slots are
+  filled, so it learns neither the client's records nor its block sizes.
+- The client learns, per own record and per server position in its bucket,
+  one sign: match or not. Fresh factors hide the score and keep even the order
+  of one record's candidates from it. It learns Q_g, the size of the largest
+  server bucket in each group, and nothing names a server record: positions are
+  shuffled per session.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Executor
+
+import numpy as np
+import tenseal.sealapi as sa
+
+from .blinding import log_uniform_factors, small_noise
+from .he import Ckks, PublicKeyHolder
+from .layout import SLOTS, server_plain_matrix
+
+logger = logging.getLogger(__name__)
+
+SCORE_FACTOR_EXPONENTS = (-4.0, 4.0)
+SCORE_NOISE = 2.0**-30
+
+
+def score_position(
+    ckks: Ckks,
+    public: PublicKeyHolder,
+    queries: list[sa.Ciphertext],
+    plains: np.ndarray,
+    threshold: float,
+) -> sa.Ciphertext:
+    """Blinded r * (score - threshold) of every slot against one server position."""
+    evaluator, acc = ckks.evaluator, None
+    product = sa.Ciphertext()
+    for k in np.flatnonzero(np.any(plains != 0.0, axis=1)):
+        plain = ckks.encode(plains[k])
+        if acc is None:
+            acc = sa.Ciphertext()
+            evaluator.multiply_plain(queries[k], plain, acc)
+        else:
+            evaluator.multiply_plain(queries[k], plain, product)
+            evaluator.add_inplace(acc, product)
+    if acc is None:
+        # No server record at this position has a non-zero vector: every score is 0.
+        acc = public.encrypt_zero(queries[0])
+        acc.scale = ckks.scale * ckks.scale
+    evaluator.rescale_to_next_inplace(acc)
+    evaluator.add_plain_inplace(acc, ckks.encode(np.full(SLOTS, -threshold), 1, acc.scale))
+    return blind_and_finish(ckks, public, acc, log_uniform_factors(SLOTS, *SCORE_FACTOR_EXPONENTS),
+                            small_noise(SLOTS, SCORE_NOISE))
+
+
+def blind_and_finish(
+    ckks: Ckks, public: PublicKeyHolder, acc: sa.Ciphertext, factors: np.ndarray,
+    offset: np.ndarray | None = None,
+) -> sa.Ciphertext:
+    """Multiply a level-1 ciphertext by per-slot factors, rescale, add offset and a fresh zero."""
+    evaluator = ckks.evaluator
+    evaluator.multiply_plain_inplace(acc, ckks.encode(factors, 1))
+    evaluator.rescale_to_next_inplace(acc)
+    if offset is not None:
+        evaluator.add_plain_inplace(acc, ckks.encode(offset, 2, acc.scale))
+    evaluator.add_inplace(acc, public.encrypt_zero(acc))
+    return acc
+
+
+# -- the server's worker processes ----------------------------------------------
+
+_WORKER: dict = {}
+
+
+def init_worker(parameters: str, public_key: bytes, vectors: np.ndarray,
+                threshold: float) -> None:
+    """Runs once in each worker: build the context, load the client's public key."""
+    ckks = Ckks(parameters)
+    pub = ckks.load_public_key_untrusted(public_key)
+    _WORKER.update(ckks=ckks, public=PublicKeyHolder(ckks, pub), vectors=vectors,
+                   threshold=threshold)
+
+
+def score_rows(query_bytes: list[bytes], rows: np.ndarray) -> list[bytes]:
+    """Worker task: score ciphertexts for several position rows of one group."""
+    ckks, public = _WORKER["ckks"], _WORKER["public"]
+    queries = [ckks.load_ciphertext_untrusted(b, 0, ckks.scale) for b in query_bytes]
+    out = []
+    for row in rows:
+        plains = server_plain_matrix(_WORKER["vectors"], row)
+        out.append(ckks.to_bytes(score_position(ckks, public, queries, plains,
+                                                _WORKER["threshold"])))
+    return out
+
+
+def score_group(pool: Executor, query_bytes: list[bytes], positions: np.ndarray,
+                workers: int) -> list[bytes]:
+    """Split a group's positions over the pool; results come back in position order."""
+    chunks = [c for c in np.array_split(positions, workers) if len(c)]
+    futures = [pool.submit(score_rows, query_bytes, chunk) for chunk in chunks]
+    return [ct for future in futures for ct in future.result()]
+
+
+# -- the client's side ------------------------------------------------------------
+
+def slot_owners(slot: np.ndarray, group: int) -> np.ndarray:
+    """Client row in each slot of ``group`` (-1 for padding)."""
+    owner = np.full(SLOTS, -1, dtype=np.int64)
+    here = np.flatnonzero((slot >= group * SLOTS) & (slot < (group + 1) * SLOTS))
+    owner[slot[here] - group * SLOTS] = here
+    return owner
+
+
+def decide(values: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """Client rows whose slot decrypted to a match (sign of r * (score - t) >= 0)."""
+    return owner[(owner >= 0) & (values >= 0.0)]

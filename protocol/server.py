@@ -1,0 +1,170 @@
+"""The server's side of one session: the four phases in order, on one socket.
+
+``run_session`` is called in a child process per client (see
+``server_socket.py``), so that nothing a client sends, even bytes that crash
+the native library, can take the listening server down.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from . import crosstab, linkage, threshold
+from .handshake import ServerPolicy, check_client_hello, server_hello
+from .he import Ckks, PublicKeyHolder, rotation_steps
+from .layout import SLOTS, PassShape, server_positions
+from .messages import Channel, Msg
+from .records import linkage_columns, numeric_column, read_csv, require_column
+from .reference import PreparedRecords, pass_shapes, prepare
+from .spec import LinkageSpec
+from .table import cell_of_records, table_shape, value_scale
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerData:
+    """Everything the server loads once, before any client connects."""
+
+    path: str
+    frame: pd.DataFrame
+    records: PreparedRecords
+    spec: LinkageSpec
+    policy: ServerPolicy
+
+
+def load_server_data(path: str | Path, spec: LinkageSpec, mapping: dict[str, str],
+                     policy: ServerPolicy) -> ServerData:
+    """Read and encode the server CSV; check the policy's columns are there."""
+    frame = read_csv(path)
+    for column in policy.group_columns:
+        require_column(frame, column, path, "a group-by column (--group-columns)")
+    for column in policy.value_columns:
+        numeric_column(frame, column, path)
+    records = prepare(linkage_columns(frame, spec, mapping, path), spec)
+    return ServerData(str(path), frame, records, spec, policy)
+
+
+@dataclass
+class Layout:
+    """One session's server layout: shuffled positions for every pass and group."""
+
+    shapes: list[PassShape]
+    positions: list[list[np.ndarray]]
+
+    def counts(self) -> list[list[int]]:
+        return [[len(g) for g in groups] for groups in self.positions]
+
+
+def session_layout(data: ServerData, size_class: int) -> Layout:
+    shapes = pass_shapes(data.spec, size_class)
+    buckets = data.records.buckets(data.spec, shapes)
+    return Layout(shapes, [server_positions(b, s) for b, s in zip(buckets, shapes)])
+
+
+def run_session(channel: Channel, data: ServerData, workers: int = 2,
+                progress: bool = True) -> str:
+    """Serve one client to the end; returns 'table' or 'refused'."""
+    started = time.perf_counter()
+    query = check_client_hello(channel.recv_json(Msg.CLIENT_HELLO), data.spec, data.policy)
+    ckks = Ckks(query.parameters)
+    try:
+        layout = session_layout(data, query.size_class)
+        shape = table_shape(data.frame, query.group_by)
+        channel.send_json(Msg.SERVER_HELLO, server_hello(shape, layout.counts(), data.policy))
+        public_key_bytes = channel.recv(Msg.PUBLIC_KEY)
+        public = PublicKeyHolder(
+            ckks, ckks.load_public_key_untrusted(public_key_bytes),
+            ckks.load_galois_keys_untrusted(channel.recv(Msg.GALOIS_KEYS),
+                                            rotation_steps(SLOTS)))
+        _log_phase("handshake", started, channel, cells=shape.cells, size_class=query.size_class)
+        _linkage(channel, ckks, data, layout, public_key_bytes, workers, progress)
+        return _aggregate(channel, ckks, public, data, layout, shape, query)
+    finally:
+        ckks.close()
+
+
+def _linkage(channel, ckks, data, layout, public_key_bytes, workers, progress) -> None:
+    started = time.perf_counter()
+    dims = data.spec.dims
+    context = multiprocessing.get_context("fork")
+    initargs = (ckks.name, public_key_bytes, data.records.vectors, data.spec.threshold)
+    total = sum(len(g) for g in layout.positions)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=linkage.init_worker,
+                             initargs=initargs) as pool, \
+            tqdm(total=total, desc="server: linkage", unit="group", disable=not progress) as bar:
+        for groups in layout.positions:
+            for positions in groups:
+                queries = [channel.recv(Msg.QUERY_CT) for _ in range(dims)]
+                for blob in queries:
+                    ckks.load_ciphertext_untrusted(blob, 0, ckks.scale)
+                for blob in linkage.score_group(pool, queries, positions, workers):
+                    channel.send(Msg.SCORE_CT, blob)
+                bar.update()
+    positions = sum(sum(c) for c in layout.counts())
+    _log_phase("linkage", started, channel, groups=total, positions=positions,
+               products=positions * dims)
+
+
+def _aggregate(channel, ckks, public, data, layout, shape, query) -> str:
+    started = time.perf_counter()
+    cell = cell_of_records(data.frame, shape)
+    raw = numeric_column(data.frame, query.value, data.path)
+    scales = crosstab.TableScales(value_scale(raw), crosstab.count_scale(query.size_class))
+    values = raw / scales.value_scale
+    acc = crosstab.CellAccumulator(shape.cells)
+    for groups in layout.positions:
+        for positions in groups:
+            for row in positions:
+                selection = ckks.load_ciphertext_untrusted(
+                    channel.recv(Msg.SELECTION_CT), 0, ckks.scale)
+                cells_here = np.where(row >= 0, cell[np.maximum(row, 0)], -1)
+                values_here = np.where(row >= 0, values[np.maximum(row, 0)], np.nan)
+                crosstab.add_selection(ckks, acc, selection, cells_here, values_here)
+    crosstab.finish_totals(ckks, acc, public.galois_keys)
+    _log_phase("cross-tab sums", started, channel, cells=shape.cells)
+    return _size_check_and_table(channel, ckks, public, data, acc, scales, query)
+
+
+def _size_check_and_table(channel, ckks, public, data, acc, scales, query) -> str:
+    started = time.perf_counter()
+    policy = data.policy
+    if all(c is None for c in acc.counts):
+        channel.send_json(Msg.REFUSED, {"reason": _refusal(policy)})
+        return "refused"
+    check, key = threshold.build_check(ckks, public, acc.counts, policy.min_cell_size,
+                                       query.size_class)
+    asked = threshold.values_asked(acc.cells)
+    channel.send_json(Msg.SIZE_CHECK, {"values": asked})
+    channel.send(Msg.SIZE_CHECK_CT, ckks.to_bytes(check))
+    answers = threshold.parse_answers(channel.recv_json(Msg.SIZE_CHECK_SIGNS).get("signs"), asked)
+    passed = key.verdict(answers)
+    _log_phase("size check", started, channel, cells=acc.cells, passed=bool(passed.all()))
+    if not passed.all():
+        channel.send_json(Msg.REFUSED, {"reason": _refusal(policy)})
+        return "refused"
+    table = crosstab.build_table(ckks, public, acc, scales, policy.reveal_counts)
+    channel.send_json(Msg.TABLE, {"value_scale": scales.value_scale,
+                                  "count_scale": scales.count_scale})
+    channel.send(Msg.TABLE_CT, ckks.to_bytes(table))
+    return "table"
+
+
+def _refusal(policy: ServerPolicy) -> str:
+    return (f"query refused: at least one cell of the table has fewer than "
+            f"{policy.min_cell_size} linked people with a value")
+
+
+def _log_phase(name: str, started: float, channel: Channel, **sizes) -> None:
+    extra = " ".join(f"{k}={v}" for k, v in sizes.items())
+    logger.info("phase %s: %.2f s, received %d B, sent %d B total; %s", name,
+                time.perf_counter() - started, channel.bytes.received, channel.bytes.sent, extra)

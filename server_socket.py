@@ -1,0 +1,145 @@
+"""Serve private linkage and encrypted cross-tabs to clients over raw TCP.
+
+Each client is served in a child process of its own, one at a time: whatever a
+client sends, and even a crash of the native CKKS library on its bytes, ends
+only that session, and the server goes on listening.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import signal
+import socket
+import sys
+
+from protocol.framing import ConnectionClosed, ProtocolError
+from protocol.handshake import Refused, ServerPolicy
+from protocol.messages import Channel, PeerError
+from protocol.records import InputError, parse_mapping
+from protocol.server import ServerData, load_server_data, run_session
+from protocol.spec import SpecError, load_spec
+
+EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
+SESSION_TIMEOUT = 600.0
+
+logger = logging.getLogger("server")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=5050, metavar="PORT",
+                        help="TCP port (0 picks a free one and prints it)")
+    parser.add_argument("--data", default="data/server.csv", metavar="CSV",
+                        help="the server's records")
+    parser.add_argument("--spec", default="data/spec_default.json", metavar="JSON",
+                        help="linkage specification (must equal the client's)")
+    parser.add_argument("--columns", default="", metavar="FIELD=COL[,...]",
+                        help="CSV column of each specification field, where the names differ")
+    parser.add_argument("--group-columns", default="state", metavar="COL[,COL]",
+                        help="columns a client may group by")
+    parser.add_argument("--value-columns", default="age", metavar="COL[,COL]",
+                        help="numeric columns a client may average")
+    parser.add_argument("--min-cell-size", type=int, default=5, metavar="K",
+                        help="refuse a query unless every cell has at least K linked people")
+    parser.add_argument("--reveal-counts", action="store_true",
+                        help="return each cell's count as well as its average")
+    parser.add_argument("--workers", type=int, default=2, metavar="N",
+                        help="processes for the linkage arithmetic")
+    parser.add_argument("--once", action="store_true", help="serve one client, then exit")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.min_cell_size < 1:
+        parser.error(f"--min-cell-size: expected an integer >= 1, found {args.min_cell_size}")
+    if args.workers < 1:
+        parser.error(f"--workers: expected an integer >= 1, found {args.workers}")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port: expected 0..65535, found {args.port}")
+    return args
+
+
+def _columns(text: str) -> tuple[str, ...]:
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+def serve_one(conn: socket.socket, data: ServerData, workers: int, progress: bool) -> int:
+    """Child process body: one session, every failure logged and contained."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    conn.settimeout(SESSION_TIMEOUT)
+    channel = Channel(conn)
+    try:
+        outcome = run_session(channel, data, workers, progress)
+        logger.info("session ended: %s", outcome)
+        return 0
+    except Refused as exc:
+        logger.warning("session refused: %s", exc)
+        channel.send_error(str(exc))
+    except PeerError as exc:
+        logger.warning("client reported an error: %s", exc)
+    except ConnectionClosed:
+        logger.warning("client closed the connection mid-session")
+    except ProtocolError as exc:
+        logger.warning("protocol error, closing: %s", exc)
+        channel.send_error(str(exc))
+    except (OSError, TimeoutError) as exc:
+        logger.warning("connection failed: %s", exc)
+    except Exception:
+        logger.exception("internal error; session closed")
+        channel.send_error("internal server error")
+    finally:
+        conn.close()
+    return 1
+
+
+def _session_process(conn, data, workers, progress) -> None:
+    sys.exit(serve_one(conn, data, workers, progress))
+
+
+def serve(listener: socket.socket, data: ServerData, args: argparse.Namespace) -> None:
+    context = multiprocessing.get_context("fork")
+    while True:
+        conn, peer = listener.accept()
+        logger.info("client connected from %s:%d", *peer[:2])
+        child = context.Process(target=_session_process,
+                                args=(conn, data, args.workers, not args.quiet))
+        child.start()
+        conn.close()
+        child.join()
+        if child.exitcode and child.exitcode < 0:
+            logger.error("session process died with signal %d; still serving", -child.exitcode)
+        if args.once:
+            return
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s server %(message)s",
+                        stream=sys.stderr)
+    try:
+        spec = load_spec(args.spec)
+        policy = ServerPolicy(_columns(args.group_columns), _columns(args.value_columns),
+                              args.min_cell_size, args.reveal_counts)
+        data = load_server_data(args.data, spec, parse_mapping(args.columns), policy)
+    except (SpecError, InputError) as exc:
+        print(f"server: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with socket.create_server((args.host, args.port)) as listener:
+            logger.info("listening on %s:%d with %d records (spec %s)", args.host,
+                        listener.getsockname()[1], len(data.records), spec.name)
+            serve(listener, data, args)
+    except KeyboardInterrupt:
+        logger.info("interrupted; exiting")
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        print(f"server: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
