@@ -25,6 +25,7 @@ import hashlib
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 
 from .spec import BlockingPass, LinkageSpec
 
@@ -40,7 +41,7 @@ _SOUNDEX_CODES = {
 
 def normalise(value: object) -> str:
     """Lower-case, trim and collapse blanks; missing values become ''."""
-    if value is None or (isinstance(value, float) and value != value):
+    if value is None or value is pd.NA or (isinstance(value, float) and value != value):
         return ""
     return " ".join(str(value).lower().split())
 
@@ -54,7 +55,7 @@ def qgrams(text: str, q: int) -> list[str]:
 
 
 def soundex(text: str) -> str:
-    """American Soundex (letter then three digits) of the first word's letters."""
+    """American Soundex (letter then three digits) of all the letters of ``text``."""
     letters = [c for c in text.lower() if "a" <= c <= "z"]
     if not letters:
         return ""

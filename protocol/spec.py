@@ -108,7 +108,8 @@ def load_spec(path: str | Path) -> LinkageSpec:
 def spec_from_obj(obj: Any) -> LinkageSpec:
     """Build a specification from parsed JSON, checking every value."""
     _require(isinstance(obj, dict), "the specification must be a JSON object")
-    _require(obj.get("version") == SPEC_VERSION, f"'version' must be {SPEC_VERSION}")
+    version = obj.get("version")
+    _require(type(version) is int and version == SPEC_VERSION, f"'version' must be {SPEC_VERSION}")
     fields = tuple(_field(item, i) for i, item in enumerate(_list(obj, "fields")))
     _require(0 < len(fields) <= MAX_FIELDS, f"'fields' needs 1 to {MAX_FIELDS} entries")
     _require(len({f.name for f in fields}) == len(fields), "field names must differ")

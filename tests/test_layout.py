@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 from protocol.layout import (
+    SIZE_QUANTUM,
     SLOTS,
     PassShape,
     bucket_count,
     client_group_matrix,
     client_slots,
+    padded_count,
     server_plain_matrix,
     server_positions,
     server_value_row,
@@ -52,6 +54,21 @@ def test_bucket_count_is_the_smallest_power_of_two_with_enough_slots(
 def test_bucket_count_for_the_demo_client_is_1024() -> None:
     # 5000 records * 3 slots / 16 per bucket = 937.5: the next power of two.
     assert bucket_count(5000, 16, 3.0) == 1024
+
+
+@pytest.mark.parametrize(
+    "records, padded", [(0, 1024), (1, 1024), (1024, 1024), (1025, 2048), (5000, 5120)]
+)
+def test_padded_count_rounds_up_to_a_whole_1024(records: int, padded: int) -> None:
+    assert SIZE_QUANTUM == 1024
+    assert padded_count(records) == padded
+
+
+def test_padded_count_is_the_smallest_multiple_covering_the_records() -> None:
+    for records in range(1, 10_000, 37):
+        padded = padded_count(records)
+        assert padded % SIZE_QUANTUM == 0
+        assert padded - SIZE_QUANTUM < records <= padded
 
 
 def test_pass_shape_counts_groups_of_slots() -> None:
@@ -182,7 +199,8 @@ def test_shuffle_keeps_the_same_records_in_each_bucket(
 def test_slotwise_products_are_scores_against_the_qth_record_of_the_bucket(
     rng: np.random.Generator,
 ) -> None:
-    client_buckets, server_buckets = crowded_buckets(rng, 300), crowded_buckets(rng, 250)
+    client_buckets = crowded_buckets(rng, 300)
+    server_buckets = crowded_buckets(rng, 250)
     client, server = rng.normal(size=(300, DIMS)), rng.normal(size=(250, DIMS))
     slots = client_slots(client_buckets, SHAPE)
     tables = server_positions(server_buckets, SHAPE, shuffle=False)
@@ -203,7 +221,8 @@ def test_slotwise_products_are_scores_against_the_qth_record_of_the_bucket(
 def test_shuffled_products_score_the_record_named_at_each_position(
     rng: np.random.Generator,
 ) -> None:
-    client_buckets, server_buckets = crowded_buckets(rng, 200), crowded_buckets(rng, 200)
+    client_buckets = crowded_buckets(rng, 200)
+    server_buckets = crowded_buckets(rng, 200)
     client, server = rng.normal(size=(200, DIMS)), rng.normal(size=(200, DIMS))
     slots = client_slots(client_buckets, SHAPE)
 

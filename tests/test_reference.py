@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from protocol.layout import padded_count
 from protocol.reference import (
     PreparedRecords,
     first_pass_links,
@@ -88,7 +89,7 @@ def test_candidates_share_a_bucket_and_pass_the_threshold(
     spec: LinkageSpec, prepared: tuple[PreparedRecords, PreparedRecords]
 ) -> None:
     client, server = prepared
-    shapes = pass_shapes(spec, len(client))
+    shapes = pass_shapes(spec, padded_count(len(client)))
     c_buckets, s_buckets = client.buckets(spec, shapes), server.buckets(spec, shapes)
 
     candidates = reference_candidates(spec, client, server)
@@ -108,13 +109,15 @@ def test_candidates_miss_no_pair_above_threshold_in_a_shared_bucket(
     # Few records per bucket in this slice, so no client record sits out.
     assert spec.inclusive
     client, server = prepared
-    shapes = pass_shapes(spec, len(client))
+    shapes = pass_shapes(spec, padded_count(len(client)))
     scores = client.vectors.astype(np.float64) @ server.vectors.T.astype(np.float64)
 
     candidates = reference_candidates(spec, client, server)
 
+    c_buckets, s_buckets = client.buckets(spec, shapes), server.buckets(spec, shapes)
+
     for per_pass, blocking, c_bucket, s_bucket in zip(
-        candidates, spec.passes, client.buckets(spec, shapes), server.buckets(spec, shapes)
+        candidates, spec.passes, c_buckets, s_buckets
     ):
         assert np.bincount(c_bucket[c_bucket >= 0]).max() <= blocking.slots_per_bucket
         same = (c_bucket[:, None] == s_bucket[None, :]) & (c_bucket[:, None] >= 0)
