@@ -8,9 +8,14 @@ it can decrypt, or a refusal when some cell holds too few linked people.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import socket
 import sys
+from pathlib import Path
+
+import pandas as pd
 
 from protocol.client import ClientResult, QueryRefused, make_query, run_client
 from protocol.framing import ProtocolError
@@ -44,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--value", default="age", metavar="COL",
                         help="server column to average")
     parser.add_argument("--output", metavar="PATH", help="also write the table as CSV")
+    parser.add_argument("--report", metavar="PATH",
+                        help="write a JSON report: seconds per phase, bytes each way, and "
+                             "each own record's match decision (for benchmarks)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     group_by = tuple(c.strip() for c in args.group_by.split(",") if c.strip())
@@ -53,19 +61,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _write_atomically(path: str, write) -> None:
+    """Write beside the final name, then rename: never half a file."""
+    partial = f"{path}.partial"
+    write(partial)
+    os.replace(partial, path)
+
+
 def write_output(path: str, result: ClientResult) -> None:
-    """Write the CSV beside its final name, then rename: never half a file."""
-    import os
-
-    import pandas as pd
-
     frame = pd.DataFrame(result.shape.labels(), columns=list(result.shape.group_by))
     frame["average"] = result.averages
     if result.counts is not None:
         frame["count"] = result.counts
-    partial = f"{path}.partial"
-    frame.to_csv(partial, index=False)
-    os.replace(partial, path)
+    _write_atomically(path, lambda p: frame.to_csv(p, index=False))
+
+
+def write_report(path: str, result: ClientResult, channel: Channel) -> None:
+    report = {
+        "seconds": result.seconds,
+        "bytes_sent": channel.bytes.sent,
+        "bytes_received": channel.bytes.received,
+        "records": len(result.matched),
+        "decisions": decisions(result),
+    }
+    _write_atomically(path, lambda p: Path(p).write_text(json.dumps(report)))
+
+
+def decisions(result: ClientResult) -> list[list[int]]:
+    """Per own record: [pass of its links or -1, number of candidates in that pass]."""
+    out = [[-1, 0] for _ in range(len(result.matched))]
+    for index, found in enumerate(result.candidates):
+        for row, hits in found.items():
+            if out[row][0] < 0:
+                out[row] = [index, len(hits)]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     query = make_query(args.group_by, args.value, len(records), DEFAULT_PARAMETERS)
     try:
         with socket.create_connection((args.host, args.port), timeout=TIMEOUT) as sock:
-            result = run_client(Channel(sock), spec, query, records, not args.quiet)
+            channel = Channel(sock)
+            result = run_client(channel, spec, query, records, not args.quiet)
     except KeyboardInterrupt:
         print("client: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -95,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(result.shape, result.averages, result.counts))
     if args.output:
         write_output(args.output, result)
+    if args.report:
+        write_report(args.report, result, channel)
     return EXIT_OK
 
 
