@@ -35,7 +35,14 @@ import numpy as np
 import pandas as pd
 
 from protocol.records import linkage_columns, numeric_column, read_csv
-from protocol.reference import link_quality, prepare, reference_candidates, first_pass_links
+from protocol.layout import client_slots, padded_count
+from protocol.reference import (
+    first_pass_links,
+    link_quality,
+    pass_shapes,
+    prepare,
+    reference_candidates,
+)
 from protocol.spec import load_spec
 from protocol.table import cell_of_records, plain_table, table_shape
 
@@ -144,7 +151,20 @@ def plaintext_rule(args, spec, client, server):
     ours = prepare(linkage_columns(client, spec, {}, args.client_data), spec)
     theirs = prepare(linkage_columns(server, spec, {}, args.server_data), spec)
     candidates = reference_candidates(spec, ours, theirs)
-    return candidates, first_pass_links(candidates), time.perf_counter() - started
+    return candidates, first_pass_links(candidates), time.perf_counter() - started, ours, theirs
+
+
+def blocking_recall(spec, ours, theirs, truth) -> float:
+    """Share of true pairs that meet in at least one pass (client slot included)."""
+    shapes = pass_shapes(spec, padded_count(len(ours)))
+    met = np.zeros(len(truth), dtype=bool)
+    pairs = np.array(sorted(truth))
+    for shape, c_bucket, s_bucket in zip(shapes, ours.buckets(spec, shapes),
+                                         theirs.buckets(spec, shapes)):
+        slot = client_slots(c_bucket, shape)
+        a, b = c_bucket[pairs[:, 0]], s_bucket[pairs[:, 1]]
+        met |= (a >= 0) & (a == b) & (slot[pairs[:, 0]] >= 0)
+    return float(met.mean())
 
 
 def reference_decisions(candidates, records: int) -> list[list[int]]:
@@ -185,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_spec(args.spec)
     client, server = read_csv(args.client_data), read_csv(args.server_data)
     truth = true_links(client, server, args.id_column, args.id_pattern)
-    candidates, links, plain_seconds = plaintext_rule(args, spec, client, server)
+    candidates, links, plain_seconds, ours, theirs = plaintext_rule(args, spec, client, server)
+    met = blocking_recall(spec, ours, theirs, truth)
     with tempfile.TemporaryDirectory() as tmp:
         runs = [run_once(args, Path(tmp)) for _ in range(args.runs)]
     run = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
@@ -211,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bytes server -> client: {run['report']['bytes_received']:,}")
     print(f"peak memory: server {run['server_peak'] / 2**20:,.0f} MiB, "
           f"client {run['client_peak'] / 2**20:,.0f} MiB (resident, summed over each process tree)")
+    print(f"blocking: {met:.4%} of true pairs meet in at least one pass")
     print(f"plaintext rule vs truth: precision {quality['precision']:.4f} "
           f"recall {quality['recall']:.4f} F1 {quality['f1']:.4f} ({quality['links']} links)")
     print(f"plaintext rule, same linkage in numpy: {plain_seconds:.2f} s; "

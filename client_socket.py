@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -49,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--value", default="age", metavar="COL",
                         help="server column to average")
     parser.add_argument("--output", metavar="PATH", help="also write the table as CSV")
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="keep retrying a refused connection this long (a server "
+                             "that is still starting)")
     parser.add_argument("--report", metavar="PATH",
                         help="write a JSON report: seconds per phase, bytes each way, and "
                              "each own record's match decision (for benchmarks)")
@@ -97,6 +101,18 @@ def decisions(result: ClientResult) -> list[list[int]]:
     return out
 
 
+def connect(host: str, port: int, wait: float) -> socket.socket:
+    """Connect, retrying a refused connection until ``wait`` seconds have passed."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return socket.create_connection((host, port), timeout=TIMEOUT)
+        except ConnectionRefusedError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.25)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="client %(message)s")
@@ -109,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     query = make_query(args.group_by, args.value, len(records), DEFAULT_PARAMETERS)
     try:
-        with socket.create_connection((args.host, args.port), timeout=TIMEOUT) as sock:
+        with connect(args.host, args.port, args.wait) as sock:
             channel = Channel(sock)
             result = run_client(channel, spec, query, records, not args.quiet)
     except KeyboardInterrupt:
