@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "each own record's match decision (for benchmarks)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    _defaults_beside_script(parser, args)
     group_by = tuple(c.strip() for c in args.group_by.split(",") if c.strip())
     if not 1 <= len(group_by) <= 2:
         parser.error(f"--group-by: expected one or two columns, found {args.group_by!r}")
@@ -111,6 +112,17 @@ def connect(host: str, port: int, wait: float) -> socket.socket:
             if time.monotonic() >= deadline:
                 raise
             time.sleep(0.25)
+
+
+HERE = Path(__file__).resolve().parent
+
+
+def _defaults_beside_script(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Default files are found beside this script when not run from its folder."""
+    for name in ("data", "spec"):
+        value = getattr(args, name)
+        if value == parser.get_default(name) and not Path(value).exists():
+            setattr(args, name, str(HERE / value))
 
 
 def main(argv: list[str] | None = None) -> int:

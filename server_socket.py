@@ -8,6 +8,7 @@ only that session, and the server goes on listening.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import logging
 import multiprocessing
 import signal
@@ -30,7 +31,8 @@ logger = logging.getLogger("server")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="exit codes: 0 done (after --once), 2 bad usage or input, 130 interrupted")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=5050, metavar="PORT",
                         help="TCP port (0 picks a free one and prints it)")
@@ -53,6 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--once", action="store_true", help="serve one client, then exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    _defaults_beside_script(parser, args)
     if args.min_cell_size < 1:
         parser.error(f"--min-cell-size: expected an integer >= 1, found {args.min_cell_size}")
     if args.workers < 1:
@@ -113,6 +116,17 @@ def serve(listener: socket.socket, data: ServerData, args: argparse.Namespace) -
             logger.error("session process died with signal %d; still serving", -child.exitcode)
         if args.once:
             return
+
+
+HERE = Path(__file__).resolve().parent
+
+
+def _defaults_beside_script(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Default files are found beside this script when not run from its folder."""
+    for name in ("data", "spec"):
+        value = getattr(args, name)
+        if value == parser.get_default(name) and not Path(value).exists():
+            setattr(args, name, str(HERE / value))
 
 
 def main(argv: list[str] | None = None) -> int:
