@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -69,29 +70,64 @@ def run_client(channel: Channel, spec: LinkageSpec, query: Query,
 
 
 def _linkage(channel, keys, spec, shapes, offer, records, progress):
-    """Send every group, read the signs back; candidates[pass][row] = [(g, q)]."""
-    candidates: list[dict[int, list[tuple[int, int]]]] = []
-    slots = []
+    """Send every group while a second thread reads the signs back.
+
+    The server answers a group while the next one is on its way, so the
+    client's encryption overlaps the server's arithmetic. Returns
+    candidates[pass][row] = [(group, position)] and each pass's slots.
+    """
+    slots = [client_slots(b, s) for b, s in zip(records.buckets(spec, shapes), shapes)]
+    reader = _ScoreReader(channel, keys, slots, offer.positions)
+    reader.start()
     total = sum(s.groups for s in shapes)
-    final = keys.ckks.final_scale()
-    with tqdm(total=total, desc="client: encrypt and link", unit="group",
-              disable=not progress) as bar:
-        for shape, buckets, counts in zip(shapes, records.buckets(spec, shapes), offer.positions):
-            slot = client_slots(buckets, shape)
-            found: dict[int, list[tuple[int, int]]] = {}
-            for g, depth in enumerate(counts):
-                for row in client_group_matrix(records.vectors, slot, g):
-                    channel.send(Msg.QUERY_CT, keys.encrypt_to_bytes(row))
-                owner = linkage.slot_owners(slot, g)
-                for q in range(depth):
-                    blob = channel.recv(Msg.SCORE_CT)
-                    values = keys.decrypt(keys.ckks.load_ciphertext_untrusted(blob, 2, final))
-                    for r in linkage.decide(values, owner):
-                        found.setdefault(int(r), []).append((g, q))
-                bar.update()
-            candidates.append(found)
-            slots.append(slot)
-    return candidates, slots
+    try:
+        with tqdm(total=total, desc="client: encrypt and link", unit="group",
+                  disable=not progress) as bar:
+            for slot, counts in zip(slots, offer.positions):
+                for g in range(len(counts)):
+                    for row in client_group_matrix(records.vectors, slot, g):
+                        channel.send(Msg.QUERY_CT, keys.encrypt_to_bytes(row))
+                    bar.update()
+    except OSError:
+        reader.join()
+        reader.raise_failure()
+        raise
+    reader.join()
+    reader.raise_failure()
+    return reader.candidates, slots
+
+
+class _ScoreReader(threading.Thread):
+    """Receives and decrypts the score ciphertexts, group after group."""
+
+    def __init__(self, channel, keys, slots, positions) -> None:
+        super().__init__(daemon=True)
+        self.channel, self.keys, self.slots, self.positions = channel, keys, slots, positions
+        self.candidates: list[dict[int, list[tuple[int, int]]]] = []
+        self.failure: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for slot, counts in zip(self.slots, self.positions):
+                self.candidates.append(self._one_pass(slot, counts))
+        except BaseException as exc:  # handed to the main thread
+            self.failure = exc
+
+    def _one_pass(self, slot, counts) -> dict[int, list[tuple[int, int]]]:
+        found: dict[int, list[tuple[int, int]]] = {}
+        final = self.keys.ckks.final_scale()
+        for g, depth in enumerate(counts):
+            owner = linkage.slot_owners(slot, g)
+            for q in range(depth):
+                blob = self.channel.recv(Msg.SCORE_CT)
+                values = self.keys.decrypt(self.keys.ckks.load_ciphertext_untrusted(blob, 2, final))
+                for r in linkage.decide(values, owner):
+                    found.setdefault(int(r), []).append((g, q))
+        return found
+
+    def raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
 
 
 def _send_selection(channel, keys, candidates, slots, offer, progress) -> np.ndarray:

@@ -25,6 +25,7 @@ import math
 import os
 import struct
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +103,17 @@ class Ckks:
         self.evaluator = sa.Evaluator(self.context)
         self.scale = float(2**self.params.scale_bits)
         self.levels = self._level_ids()
-        self._scratch = _Scratch()
+        self._local = threading.local()
+        self._scratches: list[_Scratch] = []
+
+    @property
+    def _scratch(self) -> _Scratch:
+        """One scratch file per thread: the client decrypts while it encrypts."""
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = _Scratch()
+            self._scratches.append(scratch)
+        return scratch
 
     @property
     def slots(self) -> int:
@@ -116,7 +127,8 @@ class Ckks:
         return ids
 
     def close(self) -> None:
-        self._scratch.close()
+        for scratch in self._scratches:
+            scratch.close()
 
     def encode(self, values, level: int = 0, scale: float | None = None) -> sa.Plaintext:
         plain = sa.Plaintext()
@@ -229,7 +241,7 @@ class SecretKeyHolder:
         the seed that generated it, which halves what crosses the wire.
         """
         plain = self.ckks.encode(values)
-        return self.ckks._scratch.dump(self._encryptor.encrypt_symmetric(plain))
+        return self.ckks.to_bytes(self._encryptor.encrypt_symmetric(plain))
 
     def decrypt(self, ciphertext: sa.Ciphertext) -> np.ndarray:
         plain = sa.Plaintext()

@@ -27,7 +27,7 @@ Who learns what:
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 
 import numpy as np
 import tenseal.sealapi as sa
@@ -110,12 +110,11 @@ def score_rows(query_bytes: list[bytes], rows: np.ndarray) -> list[bytes]:
     return out
 
 
-def score_group(pool: Executor, query_bytes: list[bytes], positions: np.ndarray,
-                workers: int) -> list[bytes]:
-    """Split a group's positions over the pool; results come back in position order."""
+def submit_group(pool: Executor, query_bytes: list[bytes], positions: np.ndarray,
+                 workers: int) -> list[Future]:
+    """Split a group's positions over the pool; the futures are in position order."""
     chunks = [c for c in np.array_split(positions, workers) if len(c)]
-    futures = [pool.submit(score_rows, query_bytes, chunk) for chunk in chunks]
-    return [ct for future in futures for ct in future.result()]
+    return [pool.submit(score_rows, query_bytes, chunk) for chunk in chunks]
 
 
 # -- the client's side ------------------------------------------------------------

@@ -94,25 +94,42 @@ def run_session(channel: Channel, data: ServerData, workers: int = 2,
 
 
 def _linkage(channel, ckks, data, layout, public_key_bytes, workers, progress) -> None:
+    """Score every group; group g+1 is received while the workers compute group g."""
     started = time.perf_counter()
-    dims = data.spec.dims
     context = multiprocessing.get_context("fork")
     initargs = (ckks.name, public_key_bytes, data.records.vectors, data.spec.threshold)
-    total = sum(len(g) for g in layout.positions)
+    groups = [p for passes in layout.positions for p in passes]
     with ProcessPoolExecutor(workers, mp_context=context, initializer=linkage.init_worker,
                              initargs=initargs) as pool, \
-            tqdm(total=total, desc="server: linkage", unit="group", disable=not progress) as bar:
-        for groups in layout.positions:
-            for positions in groups:
-                queries = [channel.recv(Msg.QUERY_CT) for _ in range(dims)]
-                for blob in queries:
-                    ckks.load_ciphertext_untrusted(blob, 0, ckks.scale)
-                for blob in linkage.score_group(pool, queries, positions, workers):
-                    channel.send(Msg.SCORE_CT, blob)
-                bar.update()
+            tqdm(total=len(groups), desc="server: linkage", unit="group",
+                 disable=not progress) as bar:
+        pending = None
+        for positions in groups:
+            queries = _receive_queries(channel, ckks, data.spec.dims)
+            submitted = linkage.submit_group(pool, queries, positions, workers)
+            if pending is not None:
+                _send_scores(channel, pending, bar)
+            pending = submitted
+        if pending is not None:
+            _send_scores(channel, pending, bar)
     positions = sum(sum(c) for c in layout.counts())
-    _log_phase("linkage", started, channel, groups=total, positions=positions,
-               products=positions * dims)
+    _log_phase("linkage", started, channel, groups=len(groups), positions=positions,
+               products=positions * data.spec.dims)
+
+
+def _receive_queries(channel: Channel, ckks: Ckks, dims: int) -> list[bytes]:
+    """One group's query ciphertexts, each checked before a worker sees it."""
+    queries = [channel.recv(Msg.QUERY_CT) for _ in range(dims)]
+    for blob in queries:
+        ckks.load_ciphertext_untrusted(blob, 0, ckks.scale)
+    return queries
+
+
+def _send_scores(channel: Channel, futures, bar) -> None:
+    for future in futures:
+        for blob in future.result():
+            channel.send(Msg.SCORE_CT, blob)
+    bar.update()
 
 
 def _aggregate(channel, ckks, public, data, layout, shape, query) -> str:
