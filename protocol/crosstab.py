@@ -53,9 +53,13 @@ def add_selection(
     products = 0
     for c in np.unique(cell_row[usable]):
         mask = usable & (cell_row == c)
-        _accumulate(ckks, acc.sums, c, selection, np.where(mask, value_row, 0.0))
+        sums = np.where(mask, value_row, 0.0)
+        if np.any(sums != 0.0):
+            # SEAL refuses a product with an all-zero plaintext ("transparent").
+            _accumulate(ckks, acc.sums, c, selection, sums)
+            products += 1
         _accumulate(ckks, acc.counts, c, selection, mask.astype(np.float64))
-        products += 2
+        products += 1
     return products
 
 

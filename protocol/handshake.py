@@ -65,9 +65,10 @@ def client_hello(spec: LinkageSpec, query: Query) -> dict:
 
 def check_client_hello(obj: dict, spec: LinkageSpec, policy: ServerPolicy) -> Query:
     """The server's check of a hello; Refused says exactly what is wrong."""
-    if obj.get("protocol") != PROTOCOL_VERSION:
-        raise Refused(f"protocol version {obj.get('protocol')!r} is not {PROTOCOL_VERSION}")
-    if obj.get("parameters") not in PARAMETER_SETS:
+    version, parameters = obj.get("protocol"), obj.get("parameters")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise Refused(f"protocol version {version!r} is not {PROTOCOL_VERSION}")
+    if not isinstance(parameters, str) or parameters not in PARAMETER_SETS:
         raise Refused("parameter set is not on the allow-list: "
                       f"{', '.join(PARAMETER_SETS)}")
     diff = differences(spec.raw, obj.get("spec"))

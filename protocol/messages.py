@@ -8,8 +8,9 @@ Rules of the conversation, in order (C = client, S = server):
     linkage, per group:   C QUERY_CT x dims, then S SCORE_CT x positions
     C SELECTION_CT x (all positions of all groups)
     S SIZE_CHECK + S SIZE_CHECK_CT, C SIZE_CHECK_SIGNS
-    S TABLE + S TABLE_CT, or S REFUSED (also right after the selections,
-    when no server record of any cell sits at any position)
+    S TABLE + S TABLE_CT, or S REFUSED (also right after the selections, or
+    after the queries when there is no position at all, when no server record
+    of any cell sits at any position)
     ERROR may come from either side at any point; it ends the session.
 
 Every frame sent or received goes through :class:`Channel`, which refuses a
@@ -95,6 +96,7 @@ TRANSITIONS: dict[State, dict[Msg, State]] = {
         Msg.QUERY_CT: State.LINKAGE,
         Msg.SCORE_CT: State.LINKAGE,
         Msg.SELECTION_CT: State.SELECTION,
+        Msg.REFUSED: State.DONE,
     },
     State.SELECTION: {
         Msg.SELECTION_CT: State.SELECTION,

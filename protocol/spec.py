@@ -119,12 +119,14 @@ def spec_from_obj(obj: Any) -> LinkageSpec:
         name=_str(obj, "name"),
         qgram=_int(obj, "qgram", 1, 4),
         fields=fields,
-        threshold=_number(obj, "threshold", -1.0, 1.0),
+        threshold=_number(obj, "threshold", 0.0, 1.0),
         inclusive=_bool(obj, "inclusive"),
         passes=passes,
         capacity_factor=_number(obj, "capacity_factor", 1.0, 16.0),
         raw=obj,
     )
+    # Empty slots and positions score exactly 0: a threshold of 0 would match them.
+    _require(spec.threshold > 0.0, "'threshold' must be above 0")
     _require(spec.dims <= MAX_DIMS, f"total dims {spec.dims} is over {MAX_DIMS}")
     return spec
 

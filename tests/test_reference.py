@@ -160,9 +160,17 @@ def test_exclusive_threshold_drops_a_pair_scoring_exactly_the_threshold() -> Non
 
 
 def test_record_with_an_empty_key_takes_no_part() -> None:
-    spec = _one_field_spec(16, threshold=-1.0, inclusive=True)
-    client = prepare({"surname": [None, "lee"]}, spec)
-    server = prepare({"surname": [None, "lee"]}, spec)
+    # The key is the given name's initial; the vector is the surname. The first
+    # records would score 1.0, but the client's has no given name.
+    spec = spec_from_obj({
+        "version": 1, "name": "keyed-apart", "qgram": 2,
+        "fields": [{"name": "surname", "dims": 64, "weight": 1.0}],
+        "threshold": 0.5, "inclusive": True, "capacity_factor": 1.0,
+        "blocking": [{"name": "initial", "slots_per_bucket": 16,
+                      "key": [{"field": "given_name", "transform": "initial"}]}],
+    })
+    client = prepare({"surname": ["lee", "kim"], "given_name": [None, "jo"]}, spec)
+    server = prepare({"surname": ["lee", "kim"], "given_name": ["al", "jo"]}, spec)
 
     assert reference_links(spec, client, server) == [(1, 1)]
 

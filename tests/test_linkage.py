@@ -1,0 +1,360 @@
+"""Tests for protocol.linkage and protocol.blinding: blinded scores, read as signs.
+
+The data are synthetic: random unit vectors in 16 dimensions, blocked into
+150 of the 1024 buckets of a one-group layout with four slots each, plus
+server records that are near copies of client records so that matches exist.
+Scores are computed directly in the process (no worker pool), except for the
+tests of the worker functions themselves, which run them in this process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import tenseal.sealapi as sa
+
+from protocol import linkage
+from protocol.blinding import log_uniform_factors, random_signs, small_noise
+from protocol.framing import ProtocolError
+from protocol.he import Ckks, PublicKeyHolder, SecretKeyHolder
+from protocol.layout import (
+    SLOTS,
+    PassShape,
+    client_group_matrix,
+    client_slots,
+    server_plain_matrix,
+    server_positions,
+)
+
+DIMS = 16
+THRESHOLD = 0.3
+SHAPE = PassShape(buckets=SLOTS // 4, slots_per_bucket=4)  # exactly one group
+TIE = 1e-4  # scores this close to the threshold are left out of sign checks
+LOW, HIGH = linkage.SCORE_FACTOR_EXPONENTS
+
+
+def unit_rows(rng: np.random.Generator, count: int) -> np.ndarray:
+    rows = rng.normal(size=(count, DIMS))
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    client: np.ndarray
+    server: np.ndarray
+    slot: np.ndarray
+    positions: np.ndarray  # (Q, SLOTS) server rows, -1 = none
+    owner: np.ndarray
+    query_bytes: list[bytes]
+    queries: list[sa.Ciphertext]
+
+    def scores(self, q: int) -> np.ndarray:
+        """Plain score of every slot against position q (0 where either is empty)."""
+        row, owner = self.positions[q], self.owner
+        pairs = self.client[np.maximum(owner, 0)], self.server[np.maximum(row, 0)]
+        dots = np.einsum("ij,ij->i", *pairs)
+        return np.where((owner >= 0) & (row >= 0), dots, 0.0)
+
+
+@pytest.fixture(scope="module")
+def scenario(ckks: Ckks, secret: SecretKeyHolder) -> Scenario:
+    rng = np.random.default_rng(5)
+    client = unit_rows(rng, 600)
+    client_bucket = rng.integers(0, 150, len(client))
+    copies = rng.choice(len(client), 60, replace=False)
+    near = client[copies] + 0.15 * unit_rows(rng, len(copies))
+    near /= np.linalg.norm(near, axis=1, keepdims=True)
+    server = np.vstack([unit_rows(rng, 240), near])
+    server_bucket = np.concatenate([rng.integers(0, 150, 240), client_bucket[copies]])
+    slot = client_slots(client_bucket, SHAPE)
+    (positions,) = server_positions(server_bucket, SHAPE)
+    matrix = client_group_matrix(client, slot, 0)
+    query_bytes = [secret.encrypt_to_bytes(row) for row in matrix]
+    queries = [ckks.load_ciphertext_untrusted(b, 0, ckks.scale) for b in query_bytes]
+    owner = linkage.slot_owners(slot, 0)
+    return Scenario(client, server, slot, positions, owner, query_bytes, queries)
+
+
+@pytest.fixture(scope="module")
+def decrypted(
+    ckks: Ckks, public: PublicKeyHolder, scenario: Scenario,
+    decrypt_reply: Callable[[sa.Ciphertext], np.ndarray],
+) -> list[np.ndarray]:
+    """The client's decryption of every position's score ciphertext."""
+    out = []
+    for row in scenario.positions:
+        plains = server_plain_matrix(scenario.server, row)
+        reply = linkage.score_position(
+            ckks, public, scenario.queries, plains, THRESHOLD
+        )
+        out.append(decrypt_reply(reply))
+    return out
+
+
+def occupied_and_clear(scenario: Scenario, q: int) -> np.ndarray:
+    """Slots holding a client record whose score is not within TIE of the threshold."""
+    return (scenario.owner >= 0) & (np.abs(scenario.scores(q) - THRESHOLD) > TIE)
+
+
+# -- blinding ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("low, high", [(-4.0, 4.0), (0.0, 1.0), (-12.0, 0.0)])
+def test_log_uniform_factors_lie_in_their_half_open_range(
+    low: float, high: float
+) -> None:
+    factors = log_uniform_factors(20_000, low, high)
+
+    assert np.all(factors >= 2.0**low)
+    assert np.all(factors < 2.0**high)
+    assert np.all(factors != 0.0)
+
+
+def test_log_uniform_factors_spread_over_the_whole_range() -> None:
+    exponents = np.log2(log_uniform_factors(20_000, -4.0, 4.0))
+
+    assert exponents.min() < -3.9 and exponents.max() > 3.9
+    counts, _ = np.histogram(exponents, bins=8, range=(-4.0, 4.0))
+    assert counts.min() > 2000  # 2500 expected in each octave
+
+
+def test_log_uniform_factors_differ_between_calls() -> None:
+    first, second = log_uniform_factors(64, 0, 1), log_uniform_factors(64, 0, 1)
+
+    assert not np.array_equal(first, second)
+
+
+def test_random_signs_are_plus_or_minus_one_and_both_occur() -> None:
+    signs = random_signs(4096)
+
+    assert set(np.unique(signs)) == {-1.0, 1.0}
+    assert 1700 < np.count_nonzero(signs > 0) < 2400
+
+
+@pytest.mark.parametrize("magnitude", [2.0**-30, 1.0, 5.0])
+def test_small_noise_is_bounded_by_its_magnitude(magnitude: float) -> None:
+    noise = small_noise(20_000, magnitude)
+
+    assert np.all(np.abs(noise) <= magnitude)
+    assert noise.min() < -0.9 * magnitude and noise.max() > 0.9 * magnitude
+
+
+# -- score_position ---------------------------------------------------------------
+
+
+def test_scenario_has_matches_non_matches_and_empty_positions(
+    scenario: Scenario,
+) -> None:
+    depth = len(scenario.positions)
+    scores = np.concatenate([scenario.scores(q) for q in range(depth)])
+
+    assert np.count_nonzero(scores > THRESHOLD) > 50
+    assert np.count_nonzero(scores < THRESHOLD) > 500
+    assert np.any((scenario.positions < 0) & (scenario.owner >= 0))
+
+
+def test_score_sign_equals_sign_of_score_minus_threshold_in_every_occupied_slot(
+    scenario: Scenario, decrypted: list[np.ndarray]
+) -> None:
+    for q, values in enumerate(decrypted):
+        keep = occupied_and_clear(scenario, q)
+        expected = np.sign(scenario.scores(q)[keep] - THRESHOLD)
+
+        assert np.array_equal(np.sign(values[keep]), expected), f"position {q}"
+
+
+def test_blinding_factor_lies_within_two_to_the_minus_4_and_4(
+    scenario: Scenario, decrypted: list[np.ndarray]
+) -> None:
+    factors = []
+    for q, values in enumerate(decrypted):
+        # Far from the threshold, so CKKS noise moves the ratio by under 1e-3.
+        keep = (scenario.owner >= 0) & (np.abs(scenario.scores(q) - THRESHOLD) > 1e-2)
+        factors.append(values[keep] / (scenario.scores(q)[keep] - THRESHOLD))
+    factors = np.concatenate(factors)
+
+    assert factors.min() >= 2.0**LOW * (1 - 1e-3)
+    assert factors.max() <= 2.0**HIGH * (1 + 1e-3)
+
+
+def test_blinding_factor_is_not_constant_across_slots(
+    scenario: Scenario, decrypted: list[np.ndarray]
+) -> None:
+    keep = (scenario.owner >= 0) & (np.abs(scenario.scores(0) - THRESHOLD) > 1e-2)
+    exponents = np.log2(decrypted[0][keep] / (scenario.scores(0)[keep] - THRESHOLD))
+
+    assert exponents.max() - exponents.min() > 6.0
+    assert np.std(exponents) > 1.0
+
+
+def test_blinding_factors_are_fresh_for_each_ciphertext(
+    ckks: Ckks, public: PublicKeyHolder, scenario: Scenario,
+    decrypt_reply: Callable[[sa.Ciphertext], np.ndarray],
+) -> None:
+    plains = server_plain_matrix(scenario.server, scenario.positions[0])
+    first, second = (
+        decrypt_reply(linkage.score_position(ckks, public, scenario.queries, plains,
+                                             THRESHOLD))
+        for _ in range(2)
+    )
+    keep = occupied_and_clear(scenario, 0)
+
+    assert np.array_equal(np.sign(first[keep]), np.sign(second[keep]))
+    assert np.max(np.abs(first[keep] / second[keep] - 1.0)) > 0.5
+
+
+def test_slots_without_a_client_record_decrypt_negative(
+    scenario: Scenario, decrypted: list[np.ndarray]
+) -> None:
+    # An empty slot scores 0 against anything, which is below a positive threshold.
+    empty = scenario.owner < 0
+    assert np.count_nonzero(empty) > 1000
+
+    assert all(np.all(values[empty] < 0.0) for values in decrypted)
+
+
+def test_position_with_only_zero_server_vectors_gives_a_level_2_negative_reply(
+    ckks: Ckks, public: PublicKeyHolder, scenario: Scenario,
+    decrypt_reply: Callable[[sa.Ciphertext], np.ndarray],
+) -> None:
+    plains = np.zeros((DIMS, SLOTS))
+
+    reply = linkage.score_position(ckks, public, scenario.queries, plains, THRESHOLD)
+    values = decrypt_reply(reply)  # refused unless level 2 at the final scale
+
+    assert np.all(values < 0.0)
+    assert np.all(-values >= THRESHOLD * 2.0**LOW * (1 - 1e-3))
+    assert np.all(-values <= THRESHOLD * 2.0**HIGH * (1 + 1e-3))
+
+
+def test_blind_and_finish_gives_factor_times_value_plus_offset(
+    ckks: Ckks, public: PublicKeyHolder,
+    encrypt: Callable[[np.ndarray], sa.Ciphertext],
+    decrypt_reply: Callable[[sa.Ciphertext], np.ndarray],
+) -> None:
+    rng = np.random.default_rng(9)
+    values, factors, offset = rng.uniform(-1, 1, (3, SLOTS))
+    level_1 = sa.Ciphertext()
+    ckks.evaluator.multiply_plain(encrypt(values), ckks.encode(np.ones(SLOTS)), level_1)
+    ckks.evaluator.rescale_to_next_inplace(level_1)
+
+    out = linkage.blind_and_finish(ckks, public, level_1, factors, offset)
+
+    assert np.max(np.abs(decrypt_reply(out) - (factors * values + offset))) < 1e-6
+
+
+# -- decisions on the client's side -----------------------------------------------
+
+
+def test_decisions_equal_the_plain_candidates(
+    scenario: Scenario, decrypted: list[np.ndarray]
+) -> None:
+    found, expected = set(), set()
+    for q, values in enumerate(decrypted):
+        clear = occupied_and_clear(scenario, q)
+        found |= {(int(r), q) for r in linkage.decide(values, scenario.owner)
+                  if clear[scenario.slot[r]]}
+        hits = clear & (scenario.scores(q) >= THRESHOLD) & (scenario.positions[q] >= 0)
+        expected |= {(int(scenario.owner[s]), q) for s in np.flatnonzero(hits)}
+
+    assert found == expected
+    assert len(expected) > 50
+
+
+def test_slot_owners_names_the_client_row_of_each_slot_of_one_group() -> None:
+    slot = np.array([0, SLOTS + 1, -1, 5, SLOTS, 2 * SLOTS - 1])
+
+    first, second = linkage.slot_owners(slot, 0), linkage.slot_owners(slot, 1)
+
+    assert first.shape == second.shape == (SLOTS,)
+    assert first[0] == 0 and first[5] == 3
+    assert np.count_nonzero(first >= 0) == 2
+    assert second[0] == 4 and second[1] == 1 and second[SLOTS - 1] == 5
+    assert np.count_nonzero(second >= 0) == 3
+
+
+def test_decide_returns_owners_of_non_negative_slots_only() -> None:
+    owner = np.full(SLOTS, -1)
+    owner[[0, 1, 2, 3]] = [7, 8, 9, 10]
+    values = np.full(SLOTS, 0.5)  # padding slots are positive and must be ignored
+    values[[0, 1, 2, 3]] = [0.25, -0.25, 0.0, -1e-9]
+
+    assert sorted(linkage.decide(values, owner).tolist()) == [7, 9]
+
+
+def test_decide_with_no_positive_slot_returns_nothing() -> None:
+    owner = np.arange(SLOTS)
+
+    assert linkage.decide(np.full(SLOTS, -1.0), owner).size == 0
+
+
+# -- the worker functions, run in this process ---------------------------------------
+
+
+@pytest.fixture
+def worker(
+    ckks: Ckks, secret: SecretKeyHolder, scenario: Scenario,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[None]:
+    """init_worker as a pool would call it, in a private copy of the worker state."""
+    monkeypatch.setattr(linkage, "_WORKER", {})
+    key_bytes, _ = secret.public_bytes()
+    linkage.init_worker(ckks.name, key_bytes, scenario.server, THRESHOLD)
+    yield
+    linkage._WORKER["ckks"].close()
+
+
+def test_score_rows_gives_the_signs_of_score_position(
+    ckks: Ckks, secret: SecretKeyHolder, scenario: Scenario, worker: None,
+) -> None:
+    rows = scenario.positions[:3]
+
+    replies = linkage.score_rows(scenario.query_bytes, rows)
+
+    assert len(replies) == len(rows)
+    for q, data in enumerate(replies):
+        loaded = ckks.load_ciphertext_untrusted(data, 2, ckks.final_scale())
+        keep = occupied_and_clear(scenario, q)
+        expected = np.sign(scenario.scores(q)[keep] - THRESHOLD)
+        assert np.array_equal(np.sign(secret.decrypt(loaded)[keep]), expected)
+
+
+def test_score_rows_refuses_a_truncated_query(
+    scenario: Scenario, worker: None
+) -> None:
+    wrong = [scenario.query_bytes[0][:-1]] + scenario.query_bytes[1:]
+
+    with pytest.raises(ProtocolError):
+        linkage.score_rows(wrong, scenario.positions[:1])
+
+
+def test_submit_group_futures_are_in_position_order(
+    ckks: Ckks, secret: SecretKeyHolder, scenario: Scenario, worker: None,
+) -> None:
+    positions = scenario.positions
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = linkage.submit_group(pool, scenario.query_bytes, positions, workers=3)
+        replies = [data for future in futures for data in future.result()]
+
+    assert len(futures) == 3
+    assert len(replies) == len(positions)
+    for q, data in enumerate(replies):
+        loaded = ckks.load_ciphertext_untrusted(data, 2, ckks.final_scale())
+        keep = occupied_and_clear(scenario, q)
+        expected = np.sign(scenario.scores(q)[keep] - THRESHOLD)
+        assert np.array_equal(np.sign(secret.decrypt(loaded)[keep]), expected), q
+
+
+def test_submit_group_submits_nothing_for_a_group_without_positions(
+    scenario: Scenario, worker: None
+) -> None:
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        futures = linkage.submit_group(
+            pool, scenario.query_bytes, np.zeros((0, SLOTS), dtype=np.int64), workers=2
+        )
+
+    assert futures == []
