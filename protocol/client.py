@@ -13,8 +13,8 @@ from tqdm import tqdm
 from . import crosstab, linkage, threshold
 from .framing import Frame, ProtocolError, decode_json_payload
 from .handshake import Query, ServerOffer, check_server_hello, client_hello
-from .he import Ckks, SecretKeyHolder, rotation_steps
-from .layout import SLOTS, client_group_matrix, client_slots, padded_count
+from .he import LAST, Ckks, SecretKeyHolder
+from .layout import SLOTS, client_group_matrix, client_slots, padded_count, pair_rows
 from .messages import Channel, Msg
 from .reference import PreparedRecords, pass_shapes
 from .spec import LinkageSpec
@@ -53,7 +53,7 @@ def run_client(channel: Channel, spec: LinkageSpec, query: Query,
                                [s.groups for s in shapes])
     ckks = Ckks(query.parameters)
     try:
-        keys = SecretKeyHolder(ckks, rotation_steps(SLOTS))
+        keys = SecretKeyHolder(ckks)
         public_key, galois = keys.public_bytes()
         channel.send(Msg.PUBLIC_KEY, public_key)
         channel.send(Msg.GALOIS_KEYS, galois)
@@ -85,7 +85,7 @@ def _linkage(channel, keys, spec, shapes, offer, records, progress):
                   disable=not progress) as bar:
             for slot, counts in zip(slots, offer.positions):
                 for g in range(len(counts)):
-                    for row in client_group_matrix(records.vectors, slot, g):
+                    for row in pair_rows(client_group_matrix(records.vectors, slot, g)):
                         channel.send(Msg.QUERY_CT, keys.encrypt_to_bytes(row))
                     bar.update()
     except OSError:
@@ -120,7 +120,8 @@ class _ScoreReader(threading.Thread):
             owner = linkage.slot_owners(slot, g)
             for q in range(depth):
                 blob = self.channel.recv(Msg.SCORE_CT)
-                values = self.keys.decrypt(self.keys.ckks.load_ciphertext_untrusted(blob, 2, final))
+                values = self.keys.decrypt(
+                    self.keys.ckks.load_ciphertext_untrusted(blob, LAST, final))
                 for r in linkage.decide(values, owner):
                     found.setdefault(int(r), []).append((g, q))
         return found
@@ -156,24 +157,32 @@ def _send_selection(channel, keys, candidates, slots, offer, progress) -> np.nda
 
 
 def _size_check_and_table(channel, keys, offer: ServerOffer):
-    final = keys.ckks.final_scale()
     msg, payload = channel.recv_any(Msg.SIZE_CHECK, Msg.REFUSED)
     if msg == Msg.REFUSED:
         raise QueryRefused(_reason(payload))
     asked = _json_int(payload, "values")
-    values = keys.decrypt(keys.ckks.load_ciphertext_untrusted(
-        channel.recv(Msg.SIZE_CHECK_CT), 2, final))
-    signs = threshold.answer_check(values, asked, offer.shape.cells)
-    channel.send_json(Msg.SIZE_CHECK_SIGNS, {"signs": signs})
+    cells = offer.shape.cells
+    threshold.check_asked(asked, cells)
+    values = [_decrypt_first(channel, keys, Msg.SIZE_CHECK_CT) for _ in range(asked)]
+    channel.send_json(Msg.SIZE_CHECK_SIGNS,
+                      {"signs": threshold.answer_check(values, asked, cells)})
     msg, payload = channel.recv_any(Msg.TABLE, Msg.REFUSED)
     if msg == Msg.REFUSED:
         raise QueryRefused(_reason(payload))
     header = _json(payload, Msg.TABLE)
     scales = crosstab.TableScales(_positive(header, "value_scale"),
                                   _positive(header, "count_scale"))
-    values = keys.decrypt(keys.ckks.load_ciphertext_untrusted(
-        channel.recv(Msg.TABLE_CT), 2, final))
-    return crosstab.read_table(values, offer.shape.cells, scales, offer.reveal_counts)
+    entries = cells * (2 if offer.reveal_counts else 1)
+    table = [_decrypt_first(channel, keys, Msg.TABLE_CT, whole=True) for _ in range(entries)]
+    return crosstab.read_table(table, cells, scales, offer.reveal_counts)
+
+
+def _decrypt_first(channel, keys, msg: Msg, whole: bool = False):
+    """Receive one last-level ciphertext and decrypt it (slot 0, or every slot)."""
+    ciphertext = keys.ckks.load_ciphertext_untrusted(channel.recv(msg), LAST,
+                                                     keys.ckks.final_scale())
+    values = keys.decrypt(ciphertext)
+    return values if whole else values[0]
 
 
 def _json(payload: bytes, msg: Msg) -> dict:

@@ -6,17 +6,17 @@ What crosses the wire:
   position of every group of every pass, in the order the scores came. Slot s
   is 1 when the client record in slot s links to that position (the rule of
   :mod:`.reference`: all candidates of the first pass that has any), else 0.
-- S -> C (only if the size check passed): TABLE, a JSON header with the cell
-  labels and the public scales, and TABLE_CT, one ciphertext whose slot c holds
-  rho_c * sum_c / V and slot C + c holds rho_c * count_c, for a fresh factor
-  rho_c in [1, 2) per cell; slot 2C + c holds count_c only when the server's
-  policy reveals counts.
+- S -> C (only if the size check passed): TABLE, a JSON header with the public
+  scales, and then one TABLE_CT per cell, every slot of which holds
+  rho_c / S * (sum_c / V + i * count_c) for a fresh factor rho_c in [1, 2);
+  then, only when the server's policy reveals counts, one more TABLE_CT per
+  cell holding count_c / S.
 
-The server multiplies each selection by plaintexts of (value / V) * [record in
-cell c] and of [record in cell c], adds everything up, and sums the slots with
-rotations. It never decrypts, so it learns neither which positions were
-selected nor any sum or count. The client divides the two blinded numbers of a
-cell and learns the average alone (and the count where allowed).
+The server multiplies each selection by a plaintext of rho_c * (value / V + i)
+at the positions of records of cell c, adds everything up, and sums the slots
+with rotations. It never decrypts, so it learns neither which positions were
+selected nor any sum or count. The client divides the real part by the
+imaginary part and learns the average alone (and the count where allowed).
 """
 
 from __future__ import annotations
@@ -28,38 +28,59 @@ import tenseal.sealapi as sa
 
 from .blinding import log_uniform_factors
 from .he import Ckks, PublicKeyHolder
-from .layout import SLOTS
 
 
 @dataclass
 class CellAccumulator:
-    """Running encrypted sums and counts per cell (level 0, scale 2^80), then totals."""
+    """Running encrypted totals per cell: table, size check and (if revealed) count.
 
-    cells: int
-    sums: list[sa.Ciphertext | None] = field(default_factory=list)
+    ``rho`` blinds a cell's table entry and ``check`` is the factor of its size
+    check (see :mod:`.threshold`); both are drawn once per session.
+    """
+
+    rho: np.ndarray
+    check: np.ndarray
+    reveal_counts: bool
+    table: list[sa.Ciphertext | None] = field(default_factory=list)
+    checks: list[sa.Ciphertext | None] = field(default_factory=list)
     counts: list[sa.Ciphertext | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.sums = [None] * self.cells
+        self.table = [None] * self.cells
+        self.checks = [None] * self.cells
         self.counts = [None] * self.cells
+
+    @property
+    def cells(self) -> int:
+        return len(self.rho)
+
+
+def table_factors(cells: int) -> np.ndarray:
+    """rho_c in [1, 2): one fresh factor per cell and session."""
+    return log_uniform_factors(cells, 0.0, 1.0)
 
 
 def add_selection(
     ckks: Ckks, acc: CellAccumulator, selection: sa.Ciphertext,
-    cell_row: np.ndarray, value_row: np.ndarray,
+    cell_row: np.ndarray, value_row: np.ndarray, count_scale: float = 1.0,
 ) -> int:
-    """Add selection * plaintexts of one position row; returns plaintext products done."""
+    """Add selection * plaintexts of one position row; returns products done.
+
+    ``value_row`` is already divided by V; NaN marks a record without a value,
+    which is in no cell. Every plaintext is non-zero wherever its cell has a
+    record (SEAL refuses a product with an all-zero plaintext).
+    """
     usable = (cell_row >= 0) & np.isfinite(value_row)
     products = 0
     for c in np.unique(cell_row[usable]):
-        mask = usable & (cell_row == c)
-        sums = np.where(mask, value_row, 0.0)
-        if np.any(sums != 0.0):
-            # SEAL refuses a product with an all-zero plaintext ("transparent").
-            _accumulate(ckks, acc.sums, c, selection, sums)
+        mask = (usable & (cell_row == c)).astype(np.float64)
+        entry = acc.rho[c] / count_scale * (np.where(mask > 0, value_row, 0.0) + 1j * mask)
+        _accumulate(ckks, acc.table, c, selection, entry)
+        _accumulate(ckks, acc.checks, c, selection, acc.check[c] * mask)
+        products += 2
+        if acc.reveal_counts:
+            _accumulate(ckks, acc.counts, c, selection, mask / count_scale)
             products += 1
-        _accumulate(ckks, acc.counts, c, selection, mask.astype(np.float64))
-        products += 1
     return products
 
 
@@ -75,7 +96,7 @@ def _accumulate(ckks: Ckks, into: list, cell: int, selection: sa.Ciphertext,
 
 def finish_totals(ckks: Ckks, acc: CellAccumulator, galois: sa.GaloisKeys) -> None:
     """Rescale each accumulator and sum its slots: every slot then holds the total."""
-    for totals in (acc.sums, acc.counts):
+    for totals in (acc.table, acc.checks, acc.counts):
         for ciphertext in totals:
             if ciphertext is not None:
                 ckks.evaluator.rescale_to_next_inplace(ciphertext)
@@ -93,56 +114,31 @@ def count_scale(size_class: int) -> float:
     return float(max(1, size_class >> 16))
 
 
-def build_table(
-    ckks: Ckks, public: PublicKeyHolder, acc: CellAccumulator,
-    scales: TableScales, reveal_counts: bool,
-) -> sa.Ciphertext:
-    """One ciphertext: blinded sums, blinded counts, and (if allowed) plain counts."""
-    cells = acc.cells
-    rho = log_uniform_factors(cells, 0.0, 1.0)
-    terms = []
-    for c in range(cells):
-        terms.append((acc.sums[c], c, rho[c] / scales.count_scale))
-        terms.append((acc.counts[c], cells + c, rho[c] / scales.count_scale))
-        if reveal_counts:
-            terms.append((acc.counts[c], 2 * cells + c, 1.0 / scales.count_scale))
-    return masked_sum(ckks, public, terms)
+def table_ciphertexts(ckks: Ckks, public: PublicKeyHolder,
+                      acc: CellAccumulator) -> list[sa.Ciphertext]:
+    """The cells' table entries, then their counts if revealed, re-randomised.
 
-
-def masked_sum(ckks: Ckks, public: PublicKeyHolder,
-               terms: list[tuple[sa.Ciphertext | None, int, float]],
-               offset: np.ndarray | None = None) -> sa.Ciphertext:
-    """Sum of factor * (slot 0 of ciphertext) placed at a chosen slot, level 2.
-
-    Each term's ciphertext holds its total in every slot; multiplying it by a
-    one-hot plaintext keeps one copy. Terms whose ciphertext is None are zero.
+    A cell no server record of which sits at any position has no accumulator:
+    its entry is a fresh encryption of zero sum and zero count (the size check
+    has refused any such query before this is called).
     """
-    evaluator, out, product = ckks.evaluator, None, sa.Ciphertext()
-    for ciphertext, slot, factor in terms:
-        if ciphertext is None:
-            continue
-        mask = np.zeros(SLOTS)
-        mask[slot] = factor
-        evaluator.multiply_plain(ciphertext, ckks.encode(mask, 1), product)
-        if out is None:
-            out, product = product, sa.Ciphertext()
-        else:
-            evaluator.add_inplace(out, product)
-    if out is None:
-        raise ValueError("masked_sum needs at least one non-empty term")
-    evaluator.rescale_to_next_inplace(out)
-    if offset is not None:
-        evaluator.add_plain_inplace(out, ckks.encode(offset, 2, out.scale))
-    evaluator.add_inplace(out, public.encrypt_zero(out))
+    entries = acc.table + (acc.counts if acc.reveal_counts else [])
+    present = next(c for c in entries if c is not None)
+    out = []
+    for ciphertext in entries:
+        ciphertext = ciphertext if ciphertext is not None else public.encrypt_zero(present)
+        public.rerandomise(ciphertext)
+        out.append(ciphertext)
     return out
 
 
-def read_table(values: np.ndarray, cells: int, scales: TableScales,
+def read_table(entries: list[np.ndarray], cells: int, scales: TableScales,
                counts_revealed: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """The client's side: averages (and counts) from the decrypted table slots."""
-    numerators, denominators = values[:cells], values[cells : 2 * cells]
-    averages = scales.value_scale * numerators / denominators
+    """The client's side: averages (and counts) from the decrypted table entries."""
+    first = np.array([e[0] for e in entries[:cells]])
+    averages = scales.value_scale * first.real / first.imag
     counts = None
     if counts_revealed:
-        counts = np.rint(values[2 * cells : 3 * cells] * scales.count_scale).astype(np.int64)
+        raw = np.array([e[0].real for e in entries[cells : 2 * cells]])
+        counts = np.rint(raw * scales.count_scale).astype(np.int64)
     return averages, counts

@@ -43,12 +43,14 @@ class Parameters:
 
 
 # 128-bit security per the HE standard (homomorphicencryption.org, 2018): at
-# N = 8192 the total modulus may be 218 bits; ours is 200. Two levels: one for
-# a plaintext product, one for a blinding factor or a mask.
+# N = 8192 the total modulus may be 218 bits; ours is 160. One level is all the
+# protocol needs: every blinding factor and mask is folded into the plaintext
+# of the one product, and sums of slots use rotations, which use no level.
 PARAMETER_SETS = {
-    "ckks-8192-60-40-40-60": Parameters(8192, (60, 40, 40, 60), 40),
+    "ckks-8192-60-40-60": Parameters(8192, (60, 40, 60), 40),
 }
-DEFAULT_PARAMETERS = "ckks-8192-60-40-40-60"
+DEFAULT_PARAMETERS = "ckks-8192-60-40-60"
+TOP, LAST = 0, 1
 
 SEAL_MAGIC = 0xA15E
 _SEAL_HEADER = struct.Struct("<HBBBBHQ")
@@ -130,22 +132,26 @@ class Ckks:
         for scratch in self._scratches:
             scratch.close()
 
-    def encode(self, values, level: int = 0, scale: float | None = None) -> sa.Plaintext:
+    def encode(self, values, level: int = TOP, scale: float | None = None) -> sa.Plaintext:
+        """Encode real or complex slot values (a list converts faster than an array)."""
         plain = sa.Plaintext()
-        values = np.ascontiguousarray(values, dtype=np.float64)
-        self.encoder.encode(values, self.levels[level], scale or self.scale, plain)
+        values = np.asarray(values)
+        kind = complex if np.iscomplexobj(values) else float
+        self.encoder.encode(values.astype(kind).tolist(), self.levels[level],
+                            scale or self.scale, plain)
         return plain
 
     def decode(self, plain: sa.Plaintext) -> np.ndarray:
-        return np.asarray(self.encoder.decode_double(plain))
+        """Complex slot values."""
+        return np.asarray(self.encoder.decode_complex(plain))
 
     def to_bytes(self, obj) -> bytes:
         return self._scratch.dump(obj)
 
     def final_scale(self) -> float:
-        """Scale after two products with scale-2^40 plaintexts, each then rescaled."""
+        """Scale of a product of two scale-2^40 operands after its rescale."""
         primes = self.context.first_context_data().parms().coeff_modulus()
-        return self.scale**3 / (primes[-1].value() * primes[-2].value())
+        return self.scale * self.scale / primes[-1].value()
 
     def rotate_sum(self, ciphertext: sa.Ciphertext, galois: sa.GaloisKeys) -> None:
         """Replace every slot by the sum of all slots (log2(slots) rotations)."""
@@ -153,6 +159,17 @@ class Ckks:
         for step in rotation_steps(self.slots):
             self.evaluator.rotate_vector(ciphertext, step, galois, rotated)
             self.evaluator.add_inplace(ciphertext, rotated)
+
+    def add_conjugate(self, ciphertext: sa.Ciphertext, galois: sa.GaloisKeys) -> None:
+        """z + conj(z) in every slot: twice the real part, the imaginary part gone."""
+        conjugate = sa.Ciphertext()
+        self.evaluator.complex_conjugate(ciphertext, galois, conjugate)
+        self.evaluator.add_inplace(ciphertext, conjugate)
+
+    def galois_elements(self) -> list[int]:
+        """The automorphisms the server uses: slot-sum rotations and conjugation."""
+        rotations = [self.galois_element(step) for step in rotation_steps(self.slots)]
+        return rotations + [2 * self.params.poly_modulus_degree - 1]
 
     # -- untrusted bytes ---------------------------------------------------
 
@@ -178,10 +195,11 @@ class Ckks:
             raise ProtocolError("public key refused: not for these parameters")
         return key
 
-    def load_galois_keys_untrusted(self, data: bytes, steps: list[int]) -> sa.GaloisKeys:
+    def load_galois_keys_untrusted(self, data: bytes) -> sa.GaloisKeys:
+        """Galois keys for exactly the automorphisms of :meth:`galois_elements`."""
         self._check_seal_header(data, MAX_GALOIS_KEYS_BYTES, "Galois keys")
         keys = self._load(sa.GaloisKeys(), data, "Galois keys")
-        wanted = [self.galois_element(step) for step in steps]
+        wanted = self.galois_elements()
         if keys.parms_id() != self.context.key_parms_id() or not all(
             keys.has_key(element) for element in wanted
         ):
@@ -218,14 +236,14 @@ def rotation_steps(slots: int) -> list[int]:
 class SecretKeyHolder:
     """The client's keys. The secret key never leaves this object."""
 
-    def __init__(self, ckks: Ckks, rotation_steps_needed: list[int]) -> None:
+    def __init__(self, ckks: Ckks, galois_elements: list[int] | None = None) -> None:
         self.ckks = ckks
         generator = sa.KeyGenerator(ckks.context)
         self._secret = generator.secret_key()
         self.public_key = sa.PublicKey()
         generator.create_public_key(self.public_key)
         self.galois_keys = sa.GaloisKeys()
-        elements = [ckks.galois_element(step) for step in rotation_steps_needed]
+        elements = ckks.galois_elements() if galois_elements is None else galois_elements
         generator.create_galois_keys(elements, self.galois_keys)
         self._encryptor = sa.Encryptor(ckks.context, self._secret)
         self._decryptor = sa.Decryptor(ckks.context, self._secret)
@@ -260,10 +278,15 @@ class PublicKeyHolder:
         self._encryptor = sa.Encryptor(ckks.context, public_key)
 
     def encrypt_zero(self, like: sa.Ciphertext) -> sa.Ciphertext:
+        """A fresh encryption of zero at the level and scale of ``like``."""
         zero = sa.Ciphertext()
         self._encryptor.encrypt_zero(like.parms_id(), zero)
         zero.scale = like.scale
         return zero
+
+    def rerandomise(self, ciphertext: sa.Ciphertext) -> None:
+        """Add a fresh encryption of zero, so the result's randomness is new."""
+        self.ckks.evaluator.add_inplace(ciphertext, self.encrypt_zero(ciphertext))
 
     def encrypt(self, plain: sa.Plaintext) -> sa.Ciphertext:
         out = sa.Ciphertext()

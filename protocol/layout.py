@@ -132,3 +132,21 @@ def server_value_row(values: np.ndarray, positions: np.ndarray) -> np.ndarray:
     out = values[np.maximum(positions, 0)].astype(np.float64)
     out[positions < 0] = 0.0
     return out
+
+
+def query_count(dims: int) -> int:
+    """Query ciphertexts per group: two dimensions per ciphertext."""
+    return (dims + 1) // 2
+
+
+def pair_rows(matrix: np.ndarray) -> np.ndarray:
+    """Rows 2j and 2j+1 as the real and imaginary parts of complex row j.
+
+    A CKKS slot is a complex number. The client packs two dimensions per slot,
+    a + ib; the server multiplies by c - id, whose product has real part
+    ac + bd: two dimensions of the dot product per multiplication. The
+    imaginary part, bc - ad, is removed before anything leaves the server.
+    """
+    if len(matrix) % 2:
+        matrix = np.vstack([matrix, np.zeros((1, matrix.shape[1]))])
+    return matrix[0::2] + 1j * matrix[1::2]

@@ -1,16 +1,21 @@
 """Phase 2, linkage: scores under encryption, blinded so that only signs can be read.
 
 What crosses the wire, for every blocking pass and every group of its slot
-layout (see :mod:`.layout`), in lockstep:
+layout (see :mod:`.layout`); the client streams its groups and the server
+answers each as it comes:
 
-- C -> S: ``dims`` QUERY_CT, the client's records of that group, one
-  ciphertext per dimension (fresh, top level, scale 2^40).
+- C -> S: ceil(dims / 2) QUERY_CT, the client's records of that group, two
+  dimensions per ciphertext (real and imaginary part of each slot; fresh, top
+  level, scale 2^40).
 - S -> C: Q_g SCORE_CT, one per server position q, at the last level. Slot s
-  holds r_s * (score(s, q) - threshold) + e_s, where score(s, q) is the dot
+  holds 2 r_s (score(s, q) - threshold) + e_s, where score(s, q) is the dot
   product of the client record in slot s with the q-th server record of its
   bucket, r_s = 2^u with u uniform in [-4, 4) drawn afresh for every slot of
   every ciphertext, and e_s is noise far below CKKS's precision of a decision.
-  The server adds a fresh encryption of zero to every ciphertext it returns.
+  The factors are folded into the server's plaintexts, so blinding costs no
+  level; the imaginary part (cross terms of the two packed dimensions, which
+  would tell the client about the server's vectors) is cancelled by adding
+  the complex conjugate; a fresh encryption of zero is added last.
 
 Who learns what:
 
@@ -33,8 +38,8 @@ import numpy as np
 import tenseal.sealapi as sa
 
 from .blinding import log_uniform_factors, small_noise
-from .he import Ckks, PublicKeyHolder
-from .layout import SLOTS, server_plain_matrix
+from .he import LAST, TOP, Ckks, PublicKeyHolder
+from .layout import SLOTS, pair_rows, server_plain_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -49,38 +54,31 @@ def score_position(
     plains: np.ndarray,
     threshold: float,
 ) -> sa.Ciphertext:
-    """Blinded r * (score - threshold) of every slot against one server position."""
-    evaluator, acc = ckks.evaluator, None
-    product = sa.Ciphertext()
-    for k in np.flatnonzero(np.any(plains != 0.0, axis=1)):
-        plain = ckks.encode(plains[k])
+    """Blinded 2r(score - threshold) of every slot against one server position.
+
+    ``queries`` are the client's paired ciphertexts; ``plains`` the (dims,
+    SLOTS) real matrix of this position. Needs the public side's Galois keys.
+    """
+    factors = log_uniform_factors(SLOTS, *SCORE_FACTOR_EXPONENTS)
+    paired = pair_rows(plains).conj() * factors
+    evaluator, acc, product = ckks.evaluator, None, sa.Ciphertext()
+    for j in np.flatnonzero(np.any(paired != 0, axis=1)):
+        plain = ckks.encode(paired[j])
         if acc is None:
             acc = sa.Ciphertext()
-            evaluator.multiply_plain(queries[k], plain, acc)
+            evaluator.multiply_plain(queries[j], plain, acc)
         else:
-            evaluator.multiply_plain(queries[k], plain, product)
+            evaluator.multiply_plain(queries[j], plain, product)
             evaluator.add_inplace(acc, product)
     if acc is None:
         # No server record at this position has a non-zero vector: every score is 0.
         acc = public.encrypt_zero(queries[0])
         acc.scale = ckks.scale * ckks.scale
     evaluator.rescale_to_next_inplace(acc)
-    evaluator.add_plain_inplace(acc, ckks.encode(np.full(SLOTS, -threshold), 1, acc.scale))
-    return blind_and_finish(ckks, public, acc, log_uniform_factors(SLOTS, *SCORE_FACTOR_EXPONENTS),
-                            small_noise(SLOTS, SCORE_NOISE))
-
-
-def blind_and_finish(
-    ckks: Ckks, public: PublicKeyHolder, acc: sa.Ciphertext, factors: np.ndarray,
-    offset: np.ndarray | None = None,
-) -> sa.Ciphertext:
-    """Multiply a level-1 ciphertext by per-slot factors, rescale, add offset and a fresh zero."""
-    evaluator = ckks.evaluator
-    evaluator.multiply_plain_inplace(acc, ckks.encode(factors, 1))
-    evaluator.rescale_to_next_inplace(acc)
-    if offset is not None:
-        evaluator.add_plain_inplace(acc, ckks.encode(offset, 2, acc.scale))
-    evaluator.add_inplace(acc, public.encrypt_zero(acc))
+    ckks.add_conjugate(acc, public.galois_keys)
+    offset = -2.0 * threshold * factors + small_noise(SLOTS, SCORE_NOISE)
+    evaluator.add_plain_inplace(acc, ckks.encode(offset, LAST, acc.scale))
+    public.rerandomise(acc)
     return acc
 
 
@@ -89,19 +87,19 @@ def blind_and_finish(
 _WORKER: dict = {}
 
 
-def init_worker(parameters: str, public_key: bytes, vectors: np.ndarray,
-                threshold: float) -> None:
-    """Runs once in each worker: build the context, load the client's public key."""
+def init_worker(parameters: str, public_key: bytes, galois_keys: bytes,
+                vectors: np.ndarray, threshold: float) -> None:
+    """Runs once in each worker: build the context, load the client's public keys."""
     ckks = Ckks(parameters)
-    pub = ckks.load_public_key_untrusted(public_key)
-    _WORKER.update(ckks=ckks, public=PublicKeyHolder(ckks, pub), vectors=vectors,
-                   threshold=threshold)
+    public = PublicKeyHolder(ckks, ckks.load_public_key_untrusted(public_key),
+                             ckks.load_galois_keys_untrusted(galois_keys))
+    _WORKER.update(ckks=ckks, public=public, vectors=vectors, threshold=threshold)
 
 
 def score_rows(query_bytes: list[bytes], rows: np.ndarray) -> list[bytes]:
     """Worker task: score ciphertexts for several position rows of one group."""
     ckks, public = _WORKER["ckks"], _WORKER["public"]
-    queries = [ckks.load_ciphertext_untrusted(b, 0, ckks.scale) for b in query_bytes]
+    queries = [ckks.load_ciphertext_untrusted(b, TOP, ckks.scale) for b in query_bytes]
     out = []
     for row in rows:
         plains = server_plain_matrix(_WORKER["vectors"], row)
@@ -128,5 +126,5 @@ def slot_owners(slot: np.ndarray, group: int) -> np.ndarray:
 
 
 def decide(values: np.ndarray, owner: np.ndarray) -> np.ndarray:
-    """Client rows whose slot decrypted to a match (sign of r * (score - t) >= 0)."""
-    return owner[(owner >= 0) & (values >= 0.0)]
+    """Client rows whose slot decrypted to a match (sign of 2r(score - t) >= 0)."""
+    return owner[(owner >= 0) & (np.real(values) >= 0.0)]

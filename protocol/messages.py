@@ -5,12 +5,13 @@ Rules of the conversation, in order (C = client, S = server):
     C CLIENT_HELLO        spec, parameter set name, query, client size class
     S SERVER_HELLO        table shape, positions per group   (or S ERROR)
     C PUBLIC_KEY, C GALOIS_KEYS
-    linkage, per group:   C QUERY_CT x dims, then S SCORE_CT x positions
+    linkage, per group:   C QUERY_CT x dims/2, S SCORE_CT x positions (the
+                          client streams its groups; the server answers each)
     C SELECTION_CT x (all positions of all groups)
-    S SIZE_CHECK + S SIZE_CHECK_CT, C SIZE_CHECK_SIGNS
-    S TABLE + S TABLE_CT, or S REFUSED (also right after the selections, or
-    after the queries when there is no position at all, when no server record
-    of any cell sits at any position)
+    S SIZE_CHECK + S SIZE_CHECK_CT x m, C SIZE_CHECK_SIGNS
+    S TABLE + S TABLE_CT x cells (x 2 if counts are revealed), or S REFUSED
+    (also right after the selections, or after the queries when there is no
+    position at all, when no server record of any cell sits at any position)
     ERROR may come from either side at any point; it ends the session.
 
 Every frame sent or received goes through :class:`Channel`, which refuses a
@@ -84,6 +85,7 @@ class State(enum.Enum):
     AWAIT_SIGNS = "await signs"
     AWAIT_RESULT = "await result"
     AWAIT_TABLE_CT = "await table ciphertext"
+    TABLE_CT = "table ciphertexts"
     DONE = "done"
 
 
@@ -104,9 +106,13 @@ TRANSITIONS: dict[State, dict[Msg, State]] = {
         Msg.REFUSED: State.DONE,
     },
     State.SIZE_CHECK: {Msg.SIZE_CHECK_CT: State.AWAIT_SIGNS},
-    State.AWAIT_SIGNS: {Msg.SIZE_CHECK_SIGNS: State.AWAIT_RESULT},
+    State.AWAIT_SIGNS: {
+        Msg.SIZE_CHECK_CT: State.AWAIT_SIGNS,
+        Msg.SIZE_CHECK_SIGNS: State.AWAIT_RESULT,
+    },
     State.AWAIT_RESULT: {Msg.TABLE: State.AWAIT_TABLE_CT, Msg.REFUSED: State.DONE},
-    State.AWAIT_TABLE_CT: {Msg.TABLE_CT: State.DONE},
+    State.AWAIT_TABLE_CT: {Msg.TABLE_CT: State.TABLE_CT},
+    State.TABLE_CT: {Msg.TABLE_CT: State.TABLE_CT},
     State.DONE: {},
 }
 

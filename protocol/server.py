@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from . import crosstab, linkage, threshold
 from .handshake import ServerPolicy, check_client_hello, server_hello
-from .he import Ckks, PublicKeyHolder, rotation_steps
-from .layout import SLOTS, PassShape, server_positions
+from .he import TOP, Ckks, PublicKeyHolder
+from .layout import PassShape, query_count, server_positions
 from .messages import Channel, Msg
 from .records import linkage_columns, numeric_column, read_csv, require_column
 from .reference import PreparedRecords, pass_shapes, prepare
@@ -81,23 +81,21 @@ def run_session(channel: Channel, data: ServerData, workers: int = 2,
         layout = session_layout(data, query.size_class)
         shape = table_shape(data.frame, query.group_by)
         channel.send_json(Msg.SERVER_HELLO, server_hello(shape, layout.counts(), data.policy))
-        public_key_bytes = channel.recv(Msg.PUBLIC_KEY)
-        public = PublicKeyHolder(
-            ckks, ckks.load_public_key_untrusted(public_key_bytes),
-            ckks.load_galois_keys_untrusted(channel.recv(Msg.GALOIS_KEYS),
-                                            rotation_steps(SLOTS)))
+        keys = (channel.recv(Msg.PUBLIC_KEY), channel.recv(Msg.GALOIS_KEYS))
+        public = PublicKeyHolder(ckks, ckks.load_public_key_untrusted(keys[0]),
+                                 ckks.load_galois_keys_untrusted(keys[1]))
         _log_phase("handshake", started, channel, cells=shape.cells, size_class=query.size_class)
-        _linkage(channel, ckks, data, layout, public_key_bytes, workers, progress)
+        _linkage(channel, ckks, data, layout, keys, workers, progress)
         return _aggregate(channel, ckks, public, data, layout, shape, query)
     finally:
         ckks.close()
 
 
-def _linkage(channel, ckks, data, layout, public_key_bytes, workers, progress) -> None:
+def _linkage(channel, ckks, data, layout, keys, workers, progress) -> None:
     """Score every group; group g+1 is received while the workers compute group g."""
     started = time.perf_counter()
     context = multiprocessing.get_context("fork")
-    initargs = (ckks.name, public_key_bytes, data.records.vectors, data.spec.threshold)
+    initargs = (ckks.name, *keys, data.records.vectors, data.spec.threshold)
     groups = [p for passes in layout.positions for p in passes]
     with ProcessPoolExecutor(workers, mp_context=context, initializer=linkage.init_worker,
                              initargs=initargs) as pool, \
@@ -105,7 +103,7 @@ def _linkage(channel, ckks, data, layout, public_key_bytes, workers, progress) -
                  disable=not progress) as bar:
         pending = None
         for positions in groups:
-            queries = _receive_queries(channel, ckks, data.spec.dims)
+            queries = _receive_queries(channel, ckks, query_count(data.spec.dims))
             submitted = linkage.submit_group(pool, queries, positions, workers)
             if pending is not None:
                 _send_scores(channel, pending, bar)
@@ -114,14 +112,14 @@ def _linkage(channel, ckks, data, layout, public_key_bytes, workers, progress) -
             _send_scores(channel, pending, bar)
     positions = sum(sum(c) for c in layout.counts())
     _log_phase("linkage", started, channel, groups=len(groups), positions=positions,
-               products=positions * data.spec.dims)
+               products=positions * query_count(data.spec.dims))
 
 
 def _receive_queries(channel: Channel, ckks: Ckks, dims: int) -> list[bytes]:
     """One group's query ciphertexts, each checked before a worker sees it."""
     queries = [channel.recv(Msg.QUERY_CT) for _ in range(dims)]
     for blob in queries:
-        ckks.load_ciphertext_untrusted(blob, 0, ckks.scale)
+        ckks.load_ciphertext_untrusted(blob, TOP, ckks.scale)
     return queries
 
 
@@ -138,15 +136,18 @@ def _aggregate(channel, ckks, public, data, layout, shape, query) -> str:
     raw = numeric_column(data.frame, query.value, data.path)
     scales = crosstab.TableScales(value_scale(raw), crosstab.count_scale(query.size_class))
     values = raw / scales.value_scale
-    acc = crosstab.CellAccumulator(shape.cells)
+    acc = crosstab.CellAccumulator(crosstab.table_factors(shape.cells),
+                                   threshold.check_factors(shape.cells),
+                                   data.policy.reveal_counts)
     for groups in layout.positions:
         for positions in groups:
             for row in positions:
                 selection = ckks.load_ciphertext_untrusted(
-                    channel.recv(Msg.SELECTION_CT), 0, ckks.scale)
+                    channel.recv(Msg.SELECTION_CT), TOP, ckks.scale)
                 cells_here = np.where(row >= 0, cell[np.maximum(row, 0)], -1)
                 values_here = np.where(row >= 0, values[np.maximum(row, 0)], np.nan)
-                crosstab.add_selection(ckks, acc, selection, cells_here, values_here)
+                crosstab.add_selection(ckks, acc, selection, cells_here, values_here,
+                                       scales.count_scale)
     crosstab.finish_totals(ckks, acc, public.galois_keys)
     _log_phase("cross-tab sums", started, channel, cells=shape.cells)
     return _size_check_and_table(channel, ckks, public, data, acc, scales, query)
@@ -155,24 +156,25 @@ def _aggregate(channel, ckks, public, data, layout, shape, query) -> str:
 def _size_check_and_table(channel, ckks, public, data, acc, scales, query) -> str:
     started = time.perf_counter()
     policy = data.policy
-    if all(c is None for c in acc.counts):
+    if all(c is None for c in acc.checks):
         channel.send_json(Msg.REFUSED, {"reason": _refusal(policy)})
         return "refused"
-    check, key = threshold.build_check(ckks, public, acc.counts, policy.min_cell_size,
-                                       query.size_class)
-    asked = threshold.values_asked(acc.cells)
-    channel.send_json(Msg.SIZE_CHECK, {"values": asked})
-    channel.send(Msg.SIZE_CHECK_CT, ckks.to_bytes(check))
-    answers = threshold.parse_answers(channel.recv_json(Msg.SIZE_CHECK_SIGNS).get("signs"), asked)
+    checks, key = threshold.build_check(ckks, public, acc.checks, acc.check,
+                                        policy.min_cell_size, query.size_class)
+    channel.send_json(Msg.SIZE_CHECK, {"values": len(checks)})
+    for ciphertext in checks:
+        channel.send(Msg.SIZE_CHECK_CT, ckks.to_bytes(ciphertext))
+    answers = threshold.parse_answers(channel.recv_json(Msg.SIZE_CHECK_SIGNS).get("signs"),
+                                      len(checks))
     passed = key.verdict(answers)
     _log_phase("size check", started, channel, cells=acc.cells, passed=bool(passed.all()))
     if not passed.all():
         channel.send_json(Msg.REFUSED, {"reason": _refusal(policy)})
         return "refused"
-    table = crosstab.build_table(ckks, public, acc, scales, policy.reveal_counts)
     channel.send_json(Msg.TABLE, {"value_scale": scales.value_scale,
                                   "count_scale": scales.count_scale})
-    channel.send(Msg.TABLE_CT, ckks.to_bytes(table))
+    for ciphertext in crosstab.table_ciphertexts(ckks, public, acc):
+        channel.send(Msg.TABLE_CT, ckks.to_bytes(ciphertext))
     return "table"
 
 

@@ -2,12 +2,14 @@
 
 What crosses the wire:
 
-- S -> C: SIZE_CHECK (JSON: how many values are asked, ``m``) and
-  SIZE_CHECK_CT, one ciphertext whose first m slots each hold
-  sigma * r * (n - k + 1/2) / 2^a. For a real cell, n is its encrypted count;
+- S -> C: SIZE_CHECK (JSON: how many values are asked, ``m``), then m
+  SIZE_CHECK_CT. Every slot of each holds sigma * r * (n - k + 1/2) plus
+  small slot noise. For a real cell, n is its encrypted count (the server
+  folded sigma * r into the plaintexts it multiplied the selections with);
   for a decoy, n is a number the server drew itself. sigma is a random sign,
-  r = 2^u with u uniform in [-12, 0), and real cells and decoys are shuffled
-  together. The server adds a fresh encryption of zero.
+  r = 2^u with u uniform in [-16, -2), and real cells and decoys are shuffled
+  together. Decoys go through the same rescale and rotations as real cells,
+  and every ciphertext gets a fresh encryption of zero.
 - C -> S: SIZE_CHECK_SIGNS, exactly m signs, one bit per value, and nothing
   else: no decrypted value ever goes back (handing CKKS decryptions to the
   holder of the evaluation would expose the secret key; Li and Micciancio,
@@ -21,7 +23,8 @@ Who learns what:
   client that changes one answer hits a decoy with probability D / (C + D).
 - The client learns nothing from a sign: sigma makes every answer a coin flip
   to it. It cannot tell decoys from cells, and it answers only the number of
-  values the server announced, which it checks against the table's shape.
+  values the server announced, which it checks against the table's shape. The
+  magnitude of a value is r |n - k + 1/2| with r spread over 14 octaves.
 """
 
 from __future__ import annotations
@@ -32,13 +35,15 @@ from dataclasses import dataclass
 import numpy as np
 import tenseal.sealapi as sa
 
-from .blinding import log_uniform_factors, random_signs
-from .crosstab import masked_sum
+from .blinding import log_uniform_factors, random_signs, small_noise
 from .framing import ProtocolError
-from .he import Ckks, PublicKeyHolder
+from .he import LAST, TOP, Ckks, PublicKeyHolder
 from .layout import SLOTS
 
-CHECK_FACTOR_EXPONENTS = (-12.0, 0.0)
+# 14 octaves; the largest value, 2^-2 * 2^20, stays under CKKS's 2^19 headroom,
+# and the smallest, 2^-17, is far above the slot noise of 2^-24.
+CHECK_FACTOR_EXPONENTS = (-16.0, -2.0)
+CHECK_NOISE = 2.0**-24
 
 
 def decoy_count(cells: int) -> int:
@@ -50,9 +55,9 @@ def values_asked(cells: int) -> int:
     return cells + decoy_count(cells)
 
 
-def check_shift(size_class: int) -> float:
-    """2^a: keeps |n - k + 1/2| / 2^a under 2^7 for any count up to the padded size."""
-    return float(max(1, size_class >> 7))
+def check_factors(cells: int) -> np.ndarray:
+    """sigma * r per cell: drawn before the cross-tab sums, folded into them."""
+    return random_signs(cells) * log_uniform_factors(cells, *CHECK_FACTOR_EXPONENTS)
 
 
 @dataclass(frozen=True)
@@ -72,29 +77,48 @@ class CheckKey:
 
 
 def build_check(
-    ckks: Ckks, public: PublicKeyHolder, counts: list[sa.Ciphertext | None],
-    min_cell_size: int, size_class: int,
-) -> tuple[sa.Ciphertext, CheckKey]:
-    """The check ciphertext for all cells plus decoys, and the key to read it.
+    ckks: Ckks, public: PublicKeyHolder, checks: list[sa.Ciphertext | None],
+    factors: np.ndarray, min_cell_size: int, size_class: int,
+) -> tuple[list[sa.Ciphertext], CheckKey]:
+    """The check ciphertexts for all cells plus decoys, shuffled, and the key.
 
-    At least one cell must have an accumulator: when none has, no server record
-    of any cell sits at any position, every count is zero, and the server
-    refuses without asking.
+    ``checks[c]`` holds factors[c] * n_c in every slot, or is None when no
+    server record of cell c sits at any position (n_c = 0 for certain).
     """
-    cells, decoys = len(counts), decoy_count(len(counts))
-    slots = _permutation(cells + decoys)
-    sigma = random_signs(cells + decoys)
-    factor = log_uniform_factors(cells + decoys, *CHECK_FACTOR_EXPONENTS) * sigma
-    factor /= check_shift(size_class)
-    offset = np.zeros(SLOTS)
-    offset[slots] = factor * (0.5 - min_cell_size)
+    cells, decoys = len(checks), decoy_count(len(checks))
+    order = _permutation(cells + decoys)
+    decoy_factors = check_factors(decoys)
     drawn = _decoy_counts(decoys, min_cell_size, size_class)
-    offset[slots[cells:]] += factor[cells:] * drawn
-    terms = [(counts[c], int(slots[c]), float(factor[c])) for c in range(cells)]
-    ciphertext = masked_sum(ckks, public, terms, offset)
-    true_decoy = sigma[cells:] * (drawn - min_cell_size + 0.5)
-    key = CheckKey(slots[:cells], slots[cells:], np.sign(true_decoy), sigma[:cells])
-    return ciphertext, key
+    values: list[sa.Ciphertext | None] = [None] * (cells + decoys)
+    for c in range(cells):
+        total = checks[c] if checks[c] is not None else _fresh_total(ckks, public, 0.0)
+        values[order[c]] = _offset(ckks, public, total, factors[c], min_cell_size)
+    for j in range(decoys):
+        total = _fresh_total(ckks, public, decoy_factors[j] * drawn[j])
+        values[order[cells + j]] = _offset(ckks, public, total, decoy_factors[j],
+                                           min_cell_size)
+    true_decoy = np.sign(decoy_factors * (drawn - min_cell_size + 0.5))
+    return values, CheckKey(order[:cells], order[cells:], true_decoy, np.sign(factors))
+
+
+def _offset(ckks: Ckks, public: PublicKeyHolder, total: sa.Ciphertext, factor: float,
+            min_cell_size: int) -> sa.Ciphertext:
+    """factor * (n - k + 1/2) plus slot noise, re-randomised."""
+    shift = factor * (0.5 - min_cell_size) + small_noise(SLOTS, CHECK_NOISE)
+    ckks.evaluator.add_plain_inplace(total, ckks.encode(shift, LAST, total.scale))
+    public.rerandomise(total)
+    return total
+
+
+def _fresh_total(ckks: Ckks, public: PublicKeyHolder, value: float) -> sa.Ciphertext:
+    """An encryption of ``value`` in every slot, made the way real totals are:
+    a top-level ciphertext at scale 2^80, rescaled, then summed over its slots.
+    """
+    plain = ckks.encode(np.full(SLOTS, value / SLOTS), TOP, ckks.scale * ckks.scale)
+    total = public.encrypt(plain)
+    ckks.evaluator.rescale_to_next_inplace(total)
+    ckks.rotate_sum(total, public.galois_keys)
+    return total
 
 
 def _permutation(count: int) -> np.ndarray:
@@ -112,12 +136,19 @@ def _decoy_counts(count: int, min_cell_size: int, size_class: int) -> np.ndarray
     return np.concatenate([np.array(near, dtype=np.float64), np.maximum(far, 0.0)])
 
 
-def answer_check(values: np.ndarray, asked: int, cells: int) -> str:
-    """The client's answer: one '1' (positive) or '0' per asked value, nothing more."""
+def check_asked(asked: int, cells: int) -> None:
+    """The client answers only as many values as the table's shape allows."""
     if asked != values_asked(cells):
         raise ProtocolError(f"size check asks {asked} values; this table allows "
                             f"{values_asked(cells)}")
-    return "".join("1" if v > 0 else "0" for v in values[:asked])
+
+
+def answer_check(values: list[complex], asked: int, cells: int) -> str:
+    """The client's answer: '1' (positive) or '0' per asked value, nothing more."""
+    check_asked(asked, cells)
+    if len(values) != asked:
+        raise ProtocolError(f"expected {asked} decrypted values, found {len(values)}")
+    return "".join("1" if np.real(v) > 0 else "0" for v in values)
 
 
 def parse_answers(text: object, asked: int) -> np.ndarray:
