@@ -1,6 +1,6 @@
 # make demo: a fresh virtual environment, then the FEBRL4 demo end to end.
 # make test: the same environment plus test dependencies, then the test suite.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 

@@ -77,7 +77,7 @@ def _linkage(channel, keys, spec, shapes, offer, records, progress):
     candidates[pass][row] = [(group, position)] and each pass's slots.
     """
     slots = [client_slots(b, s) for b, s in zip(records.buckets(spec, shapes), shapes)]
-    reader = _ScoreReader(channel, keys, slots, offer.positions)
+    reader = _ScoreReader(channel, keys, slots, offer.positions, progress)
     reader.start()
     total = sum(s.groups for s in shapes)
     try:
@@ -100,9 +100,11 @@ def _linkage(channel, keys, spec, shapes, offer, records, progress):
 class _ScoreReader(threading.Thread):
     """Receives and decrypts the score ciphertexts, group after group."""
 
-    def __init__(self, channel, keys, slots, positions) -> None:
+    def __init__(self, channel, keys, slots, positions, progress: bool) -> None:
         super().__init__(daemon=True)
         self.channel, self.keys, self.slots, self.positions = channel, keys, slots, positions
+        self.bar = tqdm(total=sum(map(sum, positions)), desc="client: decrypt scores",
+                        unit="ct", position=1, disable=not progress)
         self.candidates: list[dict[int, list[tuple[int, int]]]] = []
         self.failure: BaseException | None = None
 
@@ -112,6 +114,8 @@ class _ScoreReader(threading.Thread):
                 self.candidates.append(self._one_pass(slot, counts))
         except BaseException as exc:  # handed to the main thread
             self.failure = exc
+        finally:
+            self.bar.close()
 
     def _one_pass(self, slot, counts) -> dict[int, list[tuple[int, int]]]:
         found: dict[int, list[tuple[int, int]]] = {}
@@ -124,6 +128,7 @@ class _ScoreReader(threading.Thread):
                     self.keys.ckks.load_ciphertext_untrusted(blob, LAST, final))
                 for r in linkage.decide(values, owner):
                     found.setdefault(int(r), []).append((g, q))
+                self.bar.update()
         return found
 
     def raise_failure(self) -> None:

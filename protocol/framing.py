@@ -21,8 +21,9 @@ a single payload byte is kept. Even a length under the cap is never allocated
 up front: the buffer grows only with bytes that have really arrived.
 
 Payloads are either compact UTF-8 JSON (control messages, see
-:func:`encode_json`) or the raw bytes of TenSEAL's own ``serialize()``. Nothing
-is ever pickled: unpickling peer bytes would run the peer's code.
+:func:`encode_json`) or SEAL's own serialisation of a key or ciphertext (see
+:mod:`protocol.he`). Nothing is ever pickled: unpickling peer bytes would run
+the peer's code.
 
 Every peer misbehaviour raises :class:`ProtocolError`, whose message names the
 refused header field but never echoes payload bytes, so it is safe to send back
