@@ -37,6 +37,7 @@ import pandas as pd
 from protocol.records import linkage_columns, numeric_column, read_csv
 from protocol.layout import client_slots, padded_count
 from protocol.reference import (
+    first_pass_decisions,
     first_pass_links,
     link_quality,
     pass_shapes,
@@ -167,15 +168,6 @@ def blocking_recall(spec, ours, theirs, truth) -> float:
     return float(met.mean())
 
 
-def reference_decisions(candidates, records: int) -> list[list[int]]:
-    out = [[-1, 0] for _ in range(records)]
-    for index, found in enumerate(candidates):
-        for row, hits in found.items():
-            if out[row][0] < 0:
-                out[row] = [index, len(hits)]
-    return out
-
-
 def averages(links, server, args) -> np.ndarray:
     shape = table_shape(server, tuple(args.group_by))
     values = numeric_column(server, args.value, args.server_data)
@@ -213,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
     quality = link_quality(links, truth)
     decisions = run["report"]["decisions"]
-    expected = reference_decisions(candidates, len(client))
+    expected = first_pass_decisions(candidates, len(client))
     matched_agree = np.mean([(a[0] >= 0) == (b[0] >= 0) for a, b in zip(decisions, expected)])
     full_agree = np.mean([a == b for a, b in zip(decisions, expected)])
     encrypted = run["table"]["average"].to_numpy()

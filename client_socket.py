@@ -18,12 +18,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from protocol.cli import defaults_beside_script
 from protocol.client import ClientResult, QueryRefused, make_query, run_client
 from protocol.framing import ProtocolError
 from protocol.he import DEFAULT_PARAMETERS
 from protocol.messages import Channel
 from protocol.records import InputError, linkage_columns, parse_mapping, read_csv
-from protocol.reference import prepare
+from protocol.reference import first_pass_decisions, prepare
 from protocol.spec import SpecError, load_spec
 from protocol.table import format_table
 
@@ -58,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "each own record's match decision (for benchmarks)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    _defaults_beside_script(parser, args)
+    defaults_beside_script(parser, args, __file__)
     group_by = tuple(c.strip() for c in args.group_by.split(",") if c.strip())
     if not 1 <= len(group_by) <= 2:
         parser.error(f"--group-by: expected one or two columns, found {args.group_by!r}")
@@ -87,19 +88,9 @@ def write_report(path: str, result: ClientResult, channel: Channel) -> None:
         "bytes_sent": channel.bytes.sent,
         "bytes_received": channel.bytes.received,
         "records": len(result.matched),
-        "decisions": decisions(result),
+        "decisions": first_pass_decisions(result.candidates, len(result.matched)),
     }
     _write_atomically(path, lambda p: Path(p).write_text(json.dumps(report)))
-
-
-def decisions(result: ClientResult) -> list[list[int]]:
-    """Per own record: [pass of its links or -1, number of candidates in that pass]."""
-    out = [[-1, 0] for _ in range(len(result.matched))]
-    for index, found in enumerate(result.candidates):
-        for row, hits in found.items():
-            if out[row][0] < 0:
-                out[row] = [index, len(hits)]
-    return out
 
 
 def connect(host: str, port: int, wait: float) -> socket.socket:
@@ -112,17 +103,6 @@ def connect(host: str, port: int, wait: float) -> socket.socket:
             if time.monotonic() >= deadline:
                 raise
             time.sleep(0.25)
-
-
-HERE = Path(__file__).resolve().parent
-
-
-def _defaults_beside_script(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Default files are found beside this script when not run from its folder."""
-    for name in ("data", "spec"):
-        value = getattr(args, name)
-        if value == parser.get_default(name) and not Path(value).exists():
-            setattr(args, name, str(HERE / value))
 
 
 def main(argv: list[str] | None = None) -> int:

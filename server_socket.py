@@ -8,13 +8,13 @@ only that session, and the server goes on listening.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import logging
 import multiprocessing
 import signal
 import socket
 import sys
 
+from protocol.cli import defaults_beside_script
 from protocol.framing import ConnectionClosed, ProtocolError
 from protocol.handshake import Refused, ServerPolicy
 from protocol.messages import Channel, PeerError
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--once", action="store_true", help="serve one client, then exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    _defaults_beside_script(parser, args)
+    defaults_beside_script(parser, args, __file__)
     if args.min_cell_size < 1:
         parser.error(f"--min-cell-size: expected an integer >= 1, found {args.min_cell_size}")
     if args.workers < 1:
@@ -116,17 +116,6 @@ def serve(listener: socket.socket, data: ServerData, args: argparse.Namespace) -
             logger.error("session process died with signal %d; still serving", -child.exitcode)
         if args.once:
             return
-
-
-HERE = Path(__file__).resolve().parent
-
-
-def _defaults_beside_script(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Default files are found beside this script when not run from its folder."""
-    for name in ("data", "spec"):
-        value = getattr(args, name)
-        if value == parser.get_default(name) and not Path(value).exists():
-            setattr(args, name, str(HERE / value))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,6 +108,20 @@ def first_pass_links(candidates: list[dict[int, list[int]]]) -> list[tuple[int, 
     return links
 
 
+def first_pass_decisions(candidates: list[dict[int, list]], records: int) -> list[list[int]]:
+    """Per client row: [first pass with a candidate or -1, its candidates there].
+
+    Works on the plaintext rule's candidates (server rows) and on the encrypted
+    run's (server positions) alike, so the two can be compared row by row.
+    """
+    out = [[-1, 0] for _ in range(records)]
+    for index, found in enumerate(candidates):
+        for row, hits in found.items():
+            if out[row][0] < 0:
+                out[row] = [index, len(hits)]
+    return out
+
+
 def reference_links(
     spec: LinkageSpec, client: PreparedRecords, server: PreparedRecords
 ) -> list[tuple[int, int]]:

@@ -20,7 +20,12 @@ import numpy as np
 import pandas as pd
 
 from protocol.records import linkage_columns, numeric_column, read_csv
-from protocol.reference import first_pass_links, prepare, reference_candidates
+from protocol.reference import (
+    first_pass_decisions,
+    first_pass_links,
+    prepare,
+    reference_candidates,
+)
 from protocol.spec import load_spec
 from protocol.table import cell_of_records, plain_table, table_shape
 
@@ -83,17 +88,7 @@ def reference(client_csv: Path, server_csv: Path, group_by: tuple[str, ...],
     sums, counts = plain_table(first_pass_links(candidates),
                                cell_of_records(server, shape), values, shape.cells)
     averages = sums / np.where(counts == 0, np.nan, counts)
-    return Reference(decisions(candidates, len(ours)), shape.labels(), averages, counts)
-
-
-def decisions(candidates: list[dict[int, list[int]]], records: int) -> list[list[int]]:
-    """Per client row: [first pass with a candidate or -1, candidates there]."""
-    out = [[-1, 0] for _ in range(records)]
-    for index, found in enumerate(candidates):
-        for row, hits in found.items():
-            if out[row][0] < 0:
-                out[row] = [index, len(hits)]
-    return out
+    return Reference(first_pass_decisions(candidates, len(ours)), shape.labels(), averages, counts)
 
 
 def read_table(path: Path, group_by: tuple[str, ...]) -> pd.DataFrame:
