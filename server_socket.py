@@ -1,8 +1,9 @@
 """Serve private linkage and encrypted cross-tabs to clients over raw TCP.
 
-Each client is served in a child process of its own, one at a time: whatever a
-client sends, and even a crash of the native CKKS library on its bytes, ends
-only that session, and the server goes on listening.
+Each client is served in a child process of its own (up to --max-sessions at
+once): whatever a client sends, and even a crash of the native CKKS library on
+its bytes, ends only that session, and the server goes on listening. A client
+that goes quiet for --idle-timeout seconds is dropped.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from protocol.server import ServerData, load_server_data, run_session
 from protocol.spec import SpecError, load_spec
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
-SESSION_TIMEOUT = 600.0
 
 logger = logging.getLogger("server")
 
@@ -52,6 +52,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="return each cell's count as well as its average")
     parser.add_argument("--workers", type=int, default=2, metavar="N",
                         help="processes for the linkage arithmetic")
+    parser.add_argument("--max-sessions", type=int, default=2, metavar="N",
+                        help="clients served at the same time; more wait in the queue")
+    parser.add_argument("--idle-timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="drop a client that sends nothing for this long when "
+                             "the server waits on it")
     parser.add_argument("--once", action="store_true", help="serve one client, then exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -60,6 +65,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--min-cell-size: expected an integer >= 1, found {args.min_cell_size}")
     if args.workers < 1:
         parser.error(f"--workers: expected an integer >= 1, found {args.workers}")
+    if args.max_sessions < 1:
+        parser.error(f"--max-sessions: expected an integer >= 1, found {args.max_sessions}")
+    if not args.idle_timeout > 0:
+        parser.error(f"--idle-timeout: expected seconds > 0, found {args.idle_timeout}")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port: expected 0..65535, found {args.port}")
     return args
@@ -69,10 +78,11 @@ def _columns(text: str) -> tuple[str, ...]:
     return tuple(c.strip() for c in text.split(",") if c.strip())
 
 
-def serve_one(conn: socket.socket, data: ServerData, workers: int, progress: bool) -> int:
+def serve_one(conn: socket.socket, data: ServerData, workers: int, progress: bool,
+              idle_timeout: float) -> int:
     """Child process body: one session, every failure logged and contained."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    conn.settimeout(SESSION_TIMEOUT)
+    conn.settimeout(idle_timeout)
     channel = Channel(conn)
     try:
         outcome = run_session(channel, data, workers, progress)
@@ -88,7 +98,10 @@ def serve_one(conn: socket.socket, data: ServerData, workers: int, progress: boo
     except ProtocolError as exc:
         logger.warning("protocol error, closing: %s", exc)
         channel.send_error(str(exc))
-    except (OSError, TimeoutError) as exc:
+    except TimeoutError:
+        logger.warning("client idle for %.0f s; closing", idle_timeout)
+        channel.send_error(f"no message for {idle_timeout:.0f} s; closing")
+    except OSError as exc:
         logger.warning("connection failed: %s", exc)
     except Exception:
         logger.exception("internal error; session closed")
@@ -98,24 +111,51 @@ def serve_one(conn: socket.socket, data: ServerData, workers: int, progress: boo
     return 1
 
 
-def _session_process(conn, data, workers, progress) -> None:
-    sys.exit(serve_one(conn, data, workers, progress))
+def _session_process(conn, data, args) -> None:
+    sys.exit(serve_one(conn, data, args.workers, not args.quiet, args.idle_timeout))
 
 
 def serve(listener: socket.socket, data: ServerData, args: argparse.Namespace) -> None:
+    """Accept clients, each into its own process, at most --max-sessions at once."""
     context = multiprocessing.get_context("fork")
+    running: list = []
+    try:
+        _accept_loop(listener, data, args, context, running)
+    finally:
+        for child in running:
+            child.terminate()
+            child.join()
+
+
+def _accept_loop(listener, data, args, context, running: list) -> None:
     while True:
+        while len(running) >= args.max_sessions:
+            running[0].join(timeout=0.2)
+            running[:] = _reap(running)
         conn, peer = listener.accept()
         logger.info("client connected from %s:%d", *peer[:2])
-        child = context.Process(target=_session_process,
-                                args=(conn, data, args.workers, not args.quiet))
+        child = context.Process(target=_session_process, args=(conn, data, args))
         child.start()
         conn.close()
-        child.join()
-        if child.exitcode and child.exitcode < 0:
-            logger.error("session process died with signal %d; still serving", -child.exitcode)
+        running[:] = _reap(running + [child])
         if args.once:
+            child.join()
+            running[:] = _reap(running)
             return
+
+
+def _reap(children: list) -> list:
+    """Children still running; those that ended are logged if a signal killed them."""
+    alive = []
+    for child in children:
+        if child.is_alive():
+            alive.append(child)
+            continue
+        child.join()
+        if child.exitcode is not None and child.exitcode < 0:
+            logger.error("session process died with signal %d; still serving",
+                         -child.exitcode)
+    return alive
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ import pandas as pd
 import pytest
 
 from e2e_support import (
+    HOST,
     ROOT,
     SPEC,
     Reference,
@@ -298,6 +299,19 @@ def test_garbage_bytes_and_huge_frame_header_do_not_take_the_server_down(
     assert server.alive(), server.text()
     good_run(server, sample, by_state)
     assert "internal error" not in server.text(), server.text()
+
+
+def test_idle_client_neither_blocks_another_nor_stays_past_the_idle_timeout(
+    start_server, sample: Sample, by_state: Reference
+) -> None:
+    server = start_server("--data", str(sample.server_csv), "--idle-timeout", "20")
+
+    with socket.create_connection((HOST, server.port), timeout=120) as idle:
+        good_run(server, sample, by_state)
+        reply = idle.recv(65536)
+
+    assert "no message for 20 s" in error_text(reply)
+    assert "client idle for 20 s" in server.text()
 
 
 @pytest.mark.parametrize("script, defaults", [
