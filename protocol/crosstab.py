@@ -116,14 +116,17 @@ def count_scale(size_class: int) -> float:
 
 def table_ciphertexts(ckks: Ckks, public: PublicKeyHolder,
                       acc: CellAccumulator) -> list[sa.Ciphertext]:
-    """The cells' table entries, then their counts if revealed, re-randomised.
+    """The cells' table entries, then their counts if revealed, re-randomised
+    in place (call once per session).
 
     A cell no server record of which sits at any position has no accumulator:
     its entry is a fresh encryption of zero sum and zero count (the size check
     has refused any such query before this is called).
     """
     entries = acc.table + (acc.counts if acc.reveal_counts else [])
-    present = next(c for c in entries if c is not None)
+    present = next((c for c in entries if c is not None), None)
+    if present is None:
+        raise ValueError("table_ciphertexts needs at least one cell with an accumulator")
     out = []
     for ciphertext in entries:
         ciphertext = ciphertext if ciphertext is not None else public.encrypt_zero(present)

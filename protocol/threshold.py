@@ -83,7 +83,9 @@ def build_check(
     """The check ciphertexts for all cells plus decoys, shuffled, and the key.
 
     ``checks[c]`` holds factors[c] * n_c in every slot, or is None when no
-    server record of cell c sits at any position (n_c = 0 for certain).
+    server record of cell c sits at any position (n_c = 0 for certain). The
+    offsets are added to those ciphertexts in place: build one check per
+    accumulator.
     """
     cells, decoys = len(checks), decoy_count(len(checks))
     order = _permutation(cells + decoys)

@@ -1,8 +1,9 @@
 """Shared CKKS fixtures: one context and one key pair for the whole session.
 
-Generating the keys (with Galois keys for all twelve rotations) takes about
-0.2 s, so the tests share them. The server's view is built only from the bytes
-the client would send, through the same checked loaders the server uses.
+Generating the keys (Galois keys for the twelve slot-sum rotations and the
+conjugation) takes well under a second, so the tests share them. The server's
+view is built only from the bytes the client would send, through the same
+checked loaders the server uses.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import tenseal.sealapi as sa
 
-from protocol.he import Ckks, PublicKeyHolder, SecretKeyHolder, rotation_steps
+from protocol.he import LAST, TOP, Ckks, PublicKeyHolder, SecretKeyHolder
 
 
 @pytest.fixture(scope="session")
@@ -25,8 +26,8 @@ def ckks() -> Iterator[Ckks]:
 
 @pytest.fixture(scope="session")
 def secret(ckks: Ckks) -> SecretKeyHolder:
-    """The client's keys, with Galois keys for every rotation the server uses."""
-    return SecretKeyHolder(ckks, rotation_steps(ckks.slots))
+    """The client's keys, with Galois keys for every automorphism the server uses."""
+    return SecretKeyHolder(ckks)
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +35,7 @@ def public(ckks: Ckks, secret: SecretKeyHolder) -> PublicKeyHolder:
     """The server's keys, loaded from the client's public bytes."""
     key_bytes, galois_bytes = secret.public_bytes()
     key = ckks.load_public_key_untrusted(key_bytes)
-    galois = ckks.load_galois_keys_untrusted(galois_bytes, rotation_steps(ckks.slots))
+    galois = ckks.load_galois_keys_untrusted(galois_bytes)
     return PublicKeyHolder(ckks, key, galois)
 
 
@@ -42,11 +43,11 @@ def public(ckks: Ckks, secret: SecretKeyHolder) -> PublicKeyHolder:
 def encrypt(
     ckks: Ckks, secret: SecretKeyHolder
 ) -> Callable[[np.ndarray], sa.Ciphertext]:
-    """A fresh client ciphertext of some values, as the server loads it."""
+    """A fresh client ciphertext of some (real or complex) values, as loaded."""
 
     def run(values: np.ndarray) -> sa.Ciphertext:
         data = secret.encrypt_to_bytes(values)
-        return ckks.load_ciphertext_untrusted(data, 0, ckks.scale)
+        return ckks.load_ciphertext_untrusted(data, TOP, ckks.scale)
 
     return run
 
@@ -55,11 +56,14 @@ def encrypt(
 def decrypt_reply(
     ckks: Ckks, secret: SecretKeyHolder
 ) -> Callable[[sa.Ciphertext], np.ndarray]:
-    """What the client reads from a server reply: bytes, level-2 check, decrypt."""
+    """What the client reads from a server reply: bytes, LAST-level check, decrypt.
+
+    The result is complex, as the client's decryption is.
+    """
 
     def run(ciphertext: sa.Ciphertext) -> np.ndarray:
         data = ckks.to_bytes(ciphertext)
-        loaded = ckks.load_ciphertext_untrusted(data, 2, ckks.final_scale())
+        loaded = ckks.load_ciphertext_untrusted(data, LAST, ckks.final_scale())
         return secret.decrypt(loaded)
 
     return run

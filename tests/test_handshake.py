@@ -173,13 +173,31 @@ def test_size_class_multiple_of_1024_up_to_the_maximum_is_accepted(
     assert check_client_hello(hello, spec, POLICY).size_class == size_class
 
 
-@pytest.mark.parametrize("name", ["ckks-4096-40-20-40", "", None, 7])
+def test_client_hello_names_the_one_level_parameter_set(
+    hello: dict[str, Any],
+) -> None:
+    assert hello["parameters"] == DEFAULT_PARAMETERS == "ckks-8192-60-40-60"
+
+
+@pytest.mark.parametrize("name", [
+    "ckks-4096-40-20-40", "", None, 7, "ckks-8192-60-40-40-60", "CKKS-8192-60-40-60",
+])
 def test_parameter_set_not_on_the_list_is_refused(
     hello: dict[str, Any], spec: LinkageSpec, name: Any
 ) -> None:
     hello["parameters"] = name
 
     with pytest.raises(Refused, match="allow-list"):
+        check_client_hello(hello, spec, POLICY)
+
+
+def test_retired_two_level_parameter_set_is_refused_naming_the_one_allowed(
+    hello: dict[str, Any], spec: LinkageSpec
+) -> None:
+    # A client built before the one-level redesign asks for 60-40-40-60.
+    hello["parameters"] = "ckks-8192-60-40-40-60"
+
+    with pytest.raises(Refused, match=r"allow-list: ckks-8192-60-40-60$"):
         check_client_hello(hello, spec, POLICY)
 
 

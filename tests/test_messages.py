@@ -19,6 +19,7 @@ from protocol.messages import (
 )
 
 # One whole session in the order of the module docstring: (sender, message).
+# Two groups of two query ciphertexts; three size-check values; three cells.
 SESSION = [
     ("client", Msg.CLIENT_HELLO), ("server", Msg.SERVER_HELLO),
     ("client", Msg.PUBLIC_KEY), ("client", Msg.GALOIS_KEYS),
@@ -26,8 +27,28 @@ SESSION = [
     ("client", Msg.QUERY_CT), ("client", Msg.QUERY_CT), ("server", Msg.SCORE_CT),
     ("client", Msg.SELECTION_CT), ("client", Msg.SELECTION_CT),
     ("server", Msg.SIZE_CHECK), ("server", Msg.SIZE_CHECK_CT),
+    ("server", Msg.SIZE_CHECK_CT), ("server", Msg.SIZE_CHECK_CT),
     ("client", Msg.SIZE_CHECK_SIGNS), ("server", Msg.TABLE), ("server", Msg.TABLE_CT),
+    ("server", Msg.TABLE_CT), ("server", Msg.TABLE_CT),
 ]
+# A session with a table ends by count: the client reads cells (or 2 * cells)
+# TABLE_CT and closes. These states cannot reach DONE but by an ERROR.
+TABLE_STATES = {State.AWAIT_TABLE_CT, State.TABLE_CT}
+
+
+def until(msg: Msg) -> list[tuple[str, Msg]]:
+    """The session up to, not including, the first ``msg``."""
+    return SESSION[: [m for _, m in SESSION].index(msg)]
+
+
+def reachable(start: State) -> set[State]:
+    seen, todo = {start}, [start]
+    while todo:
+        for target in TRANSITIONS[todo.pop()].values():
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
 
 
 @pytest.fixture
@@ -55,29 +76,33 @@ def walk(client: Channel, server: Channel, steps: list[tuple[str, Msg]]) -> None
 
 
 def test_every_state_is_reachable_from_hello() -> None:
-    seen, todo = {State.HELLO}, [State.HELLO]
-    while todo:
-        for target in TRANSITIONS[todo.pop()].values():
-            if target not in seen:
-                seen.add(target)
-                todo.append(target)
-
-    assert seen == set(State)
+    assert reachable(State.HELLO) == set(State)
 
 
 def test_done_has_no_exits() -> None:
     assert TRANSITIONS[State.DONE] == {}
 
 
-def test_done_is_reachable_from_every_state() -> None:
-    for start in State:
-        seen, todo = {start}, [start]
-        while todo:
-            for target in TRANSITIONS[todo.pop()].values():
-                if target not in seen:
-                    seen.add(target)
-                    todo.append(target)
-        assert State.DONE in seen, start
+def test_done_is_reachable_from_every_state_but_the_table_ciphertexts() -> None:
+    for start in set(State) - TABLE_STATES:
+        assert State.DONE in reachable(start), start
+
+
+def test_table_ciphertext_states_accept_only_more_table_ciphertexts() -> None:
+    for state in TABLE_STATES:
+        assert TRANSITIONS[state] == {Msg.TABLE_CT: State.TABLE_CT}, state
+    assert reachable(State.AWAIT_TABLE_CT) == TABLE_STATES
+
+
+def test_repeated_messages_loop_only_on_their_own_states() -> None:
+    loops = {(state, msg) for state, exits in TRANSITIONS.items()
+             for msg, target in exits.items() if target is state}
+
+    assert loops == {
+        (State.LINKAGE, Msg.QUERY_CT), (State.LINKAGE, Msg.SCORE_CT),
+        (State.SELECTION, Msg.SELECTION_CT), (State.AWAIT_SIGNS, Msg.SIZE_CHECK_CT),
+        (State.TABLE_CT, Msg.TABLE_CT),
+    }
 
 
 def test_table_names_every_state_and_never_error() -> None:
@@ -105,14 +130,103 @@ def test_json_message_round_trips_and_both_sides_advance(
     assert client.state is server.state is State.AWAIT_SERVER_HELLO
 
 
-def test_whole_session_in_order_ends_both_sides_done(
+def test_whole_session_in_order_leaves_both_sides_reading_table_ciphertexts(
     pair: tuple[Channel, Channel],
 ) -> None:
     client, server = pair
 
     walk(client, server, SESSION)
 
+    assert client.state is server.state is State.TABLE_CT
+
+
+@pytest.mark.parametrize("msg", [m for m in Msg if m not in (Msg.TABLE_CT, Msg.ERROR)])
+def test_after_the_table_nothing_but_table_ciphertexts_may_be_sent(
+    pair: tuple[Channel, Channel], msg: Msg,
+) -> None:
+    client, server = pair
+    walk(client, server, SESSION)
+
+    for side in (client, server):
+        with pytest.raises(ProtocolError, match="out of order"):
+            side.send(msg, b"{}")
+    assert client.state is server.state is State.TABLE_CT
+
+
+def test_error_after_the_table_ends_the_session(pair: tuple[Channel, Channel]) -> None:
+    client, server = pair
+    walk(client, server, SESSION)
+
+    client.send_error("closing")
+
+    with pytest.raises(PeerError, match="closing"):
+        server.recv(Msg.TABLE_CT)
+    assert client.state is State.DONE
+
+
+def test_size_check_ciphertexts_repeat_until_the_signs(
+    pair: tuple[Channel, Channel],
+) -> None:
+    client, server = pair
+    walk(client, server, until(Msg.SIZE_CHECK) + [("server", Msg.SIZE_CHECK)])
+
+    walk(client, server, [("server", Msg.SIZE_CHECK_CT)] * 35)
+
+    assert client.state is server.state is State.AWAIT_SIGNS
+    walk(client, server, [("client", Msg.SIZE_CHECK_SIGNS)])
+    assert client.state is server.state is State.AWAIT_RESULT
+
+
+def test_signs_before_any_size_check_ciphertext_are_refused(
+    pair: tuple[Channel, Channel],
+) -> None:
+    client, server = pair
+    walk(client, server, until(Msg.SIZE_CHECK) + [("server", Msg.SIZE_CHECK)])
+
+    with pytest.raises(ProtocolError, match="out of order in state 'size check'"):
+        client.send(Msg.SIZE_CHECK_SIGNS, b"{}")
+
+
+def test_size_check_ciphertext_after_the_signs_is_refused(
+    pair: tuple[Channel, Channel],
+) -> None:
+    client, server = pair
+    walk(client, server, until(Msg.TABLE))
+    send_frame(server.sock, int(Msg.SIZE_CHECK_CT), b"\0" * 32)
+
+    with pytest.raises(ProtocolError, match="expected TABLE or REFUSED"):
+        client.recv_any(Msg.TABLE, Msg.REFUSED)
+
+
+def test_server_may_refuse_after_the_signs(pair: tuple[Channel, Channel]) -> None:
+    client, server = pair
+    walk(client, server, until(Msg.TABLE))
+
+    server.send_json(Msg.REFUSED, {"reason": "query refused"})
+
+    assert client.recv_any(Msg.TABLE, Msg.REFUSED)[0] is Msg.REFUSED
     assert client.state is server.state is State.DONE
+
+
+def test_table_ciphertext_before_the_table_header_is_refused(
+    pair: tuple[Channel, Channel],
+) -> None:
+    client, server = pair
+    walk(client, server, until(Msg.TABLE))
+
+    with pytest.raises(ProtocolError, match="out of order in state 'await result'"):
+        server.send(Msg.TABLE_CT, b"")
+
+
+def test_table_header_needs_at_least_one_table_ciphertext(
+    pair: tuple[Channel, Channel],
+) -> None:
+    client, server = pair
+    walk(client, server, until(Msg.TABLE_CT))
+
+    assert client.state is server.state is State.AWAIT_TABLE_CT
+    with pytest.raises(ProtocolError, match="out of order"):
+        server.send(Msg.REFUSED, b"{}")
 
 
 def test_byte_counters_agree_on_both_sides(pair: tuple[Channel, Channel]) -> None:
@@ -149,7 +263,7 @@ def test_recv_any_refuses_a_message_it_was_not_told_to_expect(
     pair: tuple[Channel, Channel],
 ) -> None:
     client, server = pair
-    walk(client, server, SESSION[:10])
+    walk(client, server, until(Msg.SELECTION_CT))
     server.send(Msg.SCORE_CT, b"")
 
     with pytest.raises(ProtocolError, match="expected SIZE_CHECK or REFUSED"):
