@@ -22,7 +22,7 @@ from protocol.cli import defaults_beside_script
 from protocol.client import ClientResult, QueryRefused, make_query, run_client
 from protocol.framing import ProtocolError
 from protocol.he import DEFAULT_PARAMETERS
-from protocol.messages import Channel
+from protocol.messages import Channel, PeerError
 from protocol.records import InputError, linkage_columns, parse_mapping, read_csv
 from protocol.reference import first_pass_decisions, prepare
 from protocol.spec import SpecError, load_spec
@@ -105,6 +105,17 @@ def connect(host: str, port: int, wait: float) -> socket.socket:
             time.sleep(0.25)
 
 
+def _run(channel: Channel, spec, query, records, progress: bool) -> ClientResult:
+    """The session; a server that misbehaves is told why before we close."""
+    try:
+        return run_client(channel, spec, query, records, progress)
+    except PeerError:
+        raise
+    except ProtocolError as exc:
+        channel.send_error(str(exc))
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="client %(message)s")
@@ -119,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with connect(args.host, args.port, args.wait) as sock:
             channel = Channel(sock)
-            result = run_client(channel, spec, query, records, not args.quiet)
+            result = _run(channel, spec, query, records, not args.quiet)
     except KeyboardInterrupt:
         print("client: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -301,6 +301,32 @@ def test_garbage_bytes_and_huge_frame_header_do_not_take_the_server_down(
     assert "internal error" not in server.text(), server.text()
 
 
+def test_client_tells_a_misbehaving_server_why_and_exits_4(sample: Sample) -> None:
+    with socket.create_server((HOST, 0)) as fake:
+        fake.settimeout(60)
+        client = subprocess.Popen(
+            client_command(fake.getsockname()[1], "--data", str(sample.client_csv)),
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            conn, _ = fake.accept()
+            with conn:
+                conn.settimeout(60)
+                header = HEADER.unpack(conn.recv(HEADER.size, socket.MSG_WAITALL))
+                assert header[2] == CLIENT_HELLO
+                conn.recv(header[4], socket.MSG_WAITALL)
+                conn.sendall(b"NOPE" + bytes(HEADER.size - 4))
+                reply = b""
+                while chunk := conn.recv(65536):
+                    reply += chunk
+            _, stderr = client.communicate(timeout=60)
+        finally:
+            client.kill()
+
+    assert client.returncode == 4, stderr
+    assert "magic" in stderr
+    assert "magic" in error_text(reply)
+
+
 def test_idle_client_neither_blocks_another_nor_stays_past_the_idle_timeout(
     start_server, sample: Sample, by_state: Reference
 ) -> None:
