@@ -20,7 +20,7 @@ from protocol.framing import ConnectionClosed, ProtocolError
 from protocol.handshake import Refused, ServerPolicy
 from protocol.messages import Channel, PeerError
 from protocol.records import InputError, parse_mapping
-from protocol.server import ServerData, load_server_data, run_session
+from protocol.server import ServerData, SessionOptions, load_server_data, run_session
 from protocol.spec import SpecError, load_spec
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="return each cell's count as well as its average")
     parser.add_argument("--workers", type=int, default=2, metavar="N",
                         help="processes for the linkage arithmetic")
+    parser.add_argument("--ray-address", metavar="HOST:PORT",
+                        help="run the linkage on this Ray cluster instead of local "
+                             "processes (--workers actors)")
     parser.add_argument("--max-sessions", type=int, default=2, metavar="N",
                         help="clients served at the same time; more wait in the queue")
     parser.add_argument("--idle-timeout", type=float, default=120.0, metavar="SECONDS",
@@ -78,14 +81,14 @@ def _columns(text: str) -> tuple[str, ...]:
     return tuple(c.strip() for c in text.split(",") if c.strip())
 
 
-def serve_one(conn: socket.socket, data: ServerData, workers: int, progress: bool,
+def serve_one(conn: socket.socket, data: ServerData, options: SessionOptions,
               idle_timeout: float) -> int:
     """Child process body: one session, every failure logged and contained."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     conn.settimeout(idle_timeout)
     channel = Channel(conn)
     try:
-        outcome = run_session(channel, data, workers, progress)
+        outcome = run_session(channel, data, options)
         logger.info("session ended: %s", outcome)
         return 0
     except Refused as exc:
@@ -112,7 +115,8 @@ def serve_one(conn: socket.socket, data: ServerData, workers: int, progress: boo
 
 
 def _session_process(conn, data, args) -> None:
-    sys.exit(serve_one(conn, data, args.workers, not args.quiet, args.idle_timeout))
+    options = SessionOptions(args.workers, not args.quiet, args.ray_address)
+    sys.exit(serve_one(conn, data, options, args.idle_timeout))
 
 
 def serve(listener: socket.socket, data: ServerData, args: argparse.Namespace) -> None:

@@ -32,7 +32,6 @@ Who learns what:
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Executor, Future
 
 import numpy as np
 import tenseal.sealapi as sa
@@ -106,13 +105,6 @@ def score_rows(query_bytes: list[bytes], rows: np.ndarray) -> list[bytes]:
         out.append(ckks.to_bytes(score_position(ckks, public, queries, plains,
                                                 _WORKER["threshold"])))
     return out
-
-
-def submit_group(pool: Executor, query_bytes: list[bytes], positions: np.ndarray,
-                 workers: int) -> list[Future]:
-    """Split a group's positions over the pool; the futures are in position order."""
-    chunks = [c for c in np.array_split(positions, workers) if len(c)]
-    return [pool.submit(score_rows, query_bytes, chunk) for chunk in chunks]
 
 
 # -- the client's side ------------------------------------------------------------

@@ -8,9 +8,7 @@ the native library, can take the listening server down.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +16,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from . import crosstab, linkage, threshold
+from . import crosstab, threshold
+from .executor import WorkerSetup, open_pool, submit_group
 from .handshake import ServerPolicy, check_client_hello, server_hello
 from .he import TOP, Ckks, PublicKeyHolder
 from .layout import PassShape, query_count, server_positions
@@ -71,8 +70,17 @@ def session_layout(data: ServerData, size_class: int) -> Layout:
     return Layout(shapes, [server_positions(b, s) for b, s in zip(buckets, shapes)])
 
 
-def run_session(channel: Channel, data: ServerData, workers: int = 2,
-                progress: bool = True) -> str:
+@dataclass(frozen=True)
+class SessionOptions:
+    """How the server runs a session's heavy work."""
+
+    workers: int = 2
+    progress: bool = True
+    ray_address: str | None = None
+
+
+def run_session(channel: Channel, data: ServerData,
+                options: SessionOptions = SessionOptions()) -> str:
     """Serve one client to the end; returns 'table' or 'refused'."""
     started = time.perf_counter()
     query = check_client_hello(channel.recv_json(Msg.CLIENT_HELLO), data.spec, data.policy)
@@ -85,31 +93,32 @@ def run_session(channel: Channel, data: ServerData, workers: int = 2,
         public = PublicKeyHolder(ckks, ckks.load_public_key_untrusted(keys[0]),
                                  ckks.load_galois_keys_untrusted(keys[1]))
         _log_phase("handshake", started, channel, cells=shape.cells, size_class=query.size_class)
-        _linkage(channel, ckks, data, layout, keys, workers, progress)
+        _linkage(channel, ckks, data, layout, keys, options)
         return _aggregate(channel, ckks, public, data, layout, shape, query)
     finally:
         ckks.close()
 
 
-def _linkage(channel, ckks, data, layout, keys, workers, progress) -> None:
+def _linkage(channel, ckks, data, layout, keys, options: SessionOptions) -> None:
     """Score every group; group g+1 is received while the workers compute group g."""
     started = time.perf_counter()
-    context = multiprocessing.get_context("fork")
-    initargs = (ckks.name, *keys, data.records.vectors, data.spec.threshold)
+    setup = WorkerSetup(ckks.name, *keys, data.records.vectors, data.spec.threshold)
     groups = [p for passes in layout.positions for p in passes]
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=linkage.init_worker,
-                             initargs=initargs) as pool, \
-            tqdm(total=len(groups), desc="server: linkage", unit="group",
-                 disable=not progress) as bar:
-        pending = None
-        for positions in groups:
-            queries = _receive_queries(channel, ckks, query_count(data.spec.dims))
-            submitted = linkage.submit_group(pool, queries, positions, workers)
+    pool = open_pool(setup, options.workers, options.ray_address)
+    try:
+        with tqdm(total=len(groups), desc="server: linkage", unit="group",
+                  disable=not options.progress) as bar:
+            pending = None
+            for positions in groups:
+                queries = _receive_queries(channel, ckks, query_count(data.spec.dims))
+                submitted = submit_group(pool, queries, positions)
+                if pending is not None:
+                    _send_scores(channel, pending, bar)
+                pending = submitted
             if pending is not None:
                 _send_scores(channel, pending, bar)
-            pending = submitted
-        if pending is not None:
-            _send_scores(channel, pending, bar)
+    finally:
+        pool.close()
     positions = sum(sum(c) for c in layout.counts())
     _log_phase("linkage", started, channel, groups=len(groups), positions=positions,
                products=positions * query_count(data.spec.dims))

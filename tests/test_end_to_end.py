@@ -14,6 +14,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import product
@@ -352,3 +353,35 @@ def test_help_exits_0_and_shows_the_defaults(
     assert run.returncode == EXIT_OK, explain(run)
     for default in defaults:
         assert default in run.stdout, f"{default!r} not in {script} --help"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A local Ray cluster (head node only), stopped at teardown."""
+    ray = Path(sys.executable).with_name("ray")
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        port = probe.getsockname()[1]
+    start = [str(ray), "start", "--head", "--node-ip-address", HOST, "--port", str(port),
+             "--num-cpus", "2", "--object-store-memory", str(200 * 2**20),
+             "--include-dashboard", "false", "--disable-usage-stats"]
+    subprocess.run(start, check=True, capture_output=True, timeout=120)
+    try:
+        yield f"{HOST}:{port}"
+    finally:
+        subprocess.run([str(ray), "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_linkage_on_a_ray_cluster_gives_the_plaintext_rule_table(
+    start_server, sample: Sample, by_state: Reference, ray_cluster: str, tmp_path: Path
+) -> None:
+    server = start_server("--once", "--data", str(sample.server_csv),
+                          "--ray-address", ray_cluster)
+    table, report = tmp_path / "table.csv", tmp_path / "report.json"
+
+    run = run_client(server.port, "--data", str(sample.client_csv),
+                     "--output", str(table), "--report", str(report))
+
+    assert run.returncode == EXIT_OK, explain(run, server)
+    assert_table_file_matches(table, by_state, ("state",))
+    assert json.loads(report.read_text())["decisions"] == by_state.decisions

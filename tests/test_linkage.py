@@ -19,6 +19,7 @@ import pytest
 import tenseal.sealapi as sa
 
 from protocol import linkage
+from protocol.executor import submit_group
 from protocol.blinding import log_uniform_factors, random_signs, small_noise
 from protocol.framing import ProtocolError
 from protocol.he import (
@@ -512,12 +513,23 @@ def test_score_rows_refuses_a_reply_sent_back_as_a_query(
         linkage.score_rows(wrong, scenario.positions[:1])
 
 
+class ThreadScoring:
+    """The executor interface over threads, in this process's worker state."""
+
+    def __init__(self, pool: ThreadPoolExecutor, workers: int) -> None:
+        self.pool, self.workers = pool, workers
+
+    def submit(self, query_bytes, rows):
+        return self.pool.submit(linkage.score_rows, query_bytes, rows)
+
+
 def test_submit_group_futures_are_in_position_order(
     ckks: Ckks, secret: SecretKeyHolder, scenario: Scenario, worker: None,
 ) -> None:
     positions = scenario.positions
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = linkage.submit_group(pool, scenario.query_bytes, positions, workers=3)
+    with ThreadPoolExecutor(max_workers=2) as threads:
+        pool = ThreadScoring(threads, workers=3)
+        futures = submit_group(pool, scenario.query_bytes, positions)
         replies = [data for future in futures for data in future.result()]
 
     assert len(futures) == 3
@@ -528,9 +540,8 @@ def test_submit_group_futures_are_in_position_order(
 def test_submit_group_submits_nothing_for_a_group_without_positions(
     scenario: Scenario, worker: None
 ) -> None:
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        futures = linkage.submit_group(
-            pool, scenario.query_bytes, np.zeros((0, SLOTS), dtype=np.int64), workers=2
-        )
+    with ThreadPoolExecutor(max_workers=1) as threads:
+        futures = submit_group(ThreadScoring(threads, workers=2), scenario.query_bytes,
+                               np.zeros((0, SLOTS), dtype=np.int64))
 
     assert futures == []

@@ -25,7 +25,7 @@ from protocol.he import DEFAULT_PARAMETERS
 from protocol.messages import Channel, Msg
 from protocol.records import linkage_columns
 from protocol.reference import prepare
-from protocol.server import load_server_data, run_session
+from protocol.server import SessionOptions, load_server_data, run_session
 from protocol.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +79,8 @@ def run_pair(server_data, client_frame: pd.DataFrame):
 
     def serve() -> None:
         try:
-            outcome["server"] = run_session(server_channel, server_data, 1, False)
+            outcome["server"] = run_session(server_channel, server_data,
+                                            SessionOptions(workers=1, progress=False))
         except Exception as exc:  # reported by the assertion below
             outcome["error"] = exc
 
