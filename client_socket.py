@@ -37,32 +37,59 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="exit codes: 0 table printed, 2 bad usage or input, 3 query refused by "
-               "the size check, 4 protocol or connection failure, 130 interrupted")
+        "the size check, 4 protocol or connection failure, 130 interrupted",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="server address")
-    parser.add_argument("--port", type=int, default=5050, metavar="PORT", help="server port")
-    parser.add_argument("--data", default="data/client.csv", metavar="CSV",
-                        help="the client's records")
-    parser.add_argument("--spec", default="data/spec_default.json", metavar="JSON",
-                        help="linkage specification (must equal the server's)")
-    parser.add_argument("--columns", default="", metavar="FIELD=COL[,...]",
-                        help="CSV column of each specification field, where the names differ")
-    parser.add_argument("--group-by", default="state", metavar="COL[,COL]",
-                        help="server column(s) to group by: one, or two for a two-way table")
-    parser.add_argument("--value", default="age", metavar="COL",
-                        help="server column to average")
+    parser.add_argument(
+        "--port", type=int, default=5050, metavar="PORT", help="server port"
+    )
+    parser.add_argument(
+        "--data", default="data/client.csv", metavar="CSV", help="the client's records"
+    )
+    parser.add_argument(
+        "--spec",
+        default="data/spec_default.json",
+        metavar="JSON",
+        help="linkage specification (must equal the server's)",
+    )
+    parser.add_argument(
+        "--columns",
+        default="",
+        metavar="FIELD=COL[,...]",
+        help="CSV column of each specification field, where the names differ",
+    )
+    parser.add_argument(
+        "--group-by",
+        default="state",
+        metavar="COL[,COL]",
+        help="server column(s) to group by: one, or two for a two-way table",
+    )
+    parser.add_argument(
+        "--value", default="age", metavar="COL", help="server column to average"
+    )
     parser.add_argument("--output", metavar="PATH", help="also write the table as CSV")
-    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                        help="keep retrying a refused connection this long (a server "
-                             "that is still starting)")
-    parser.add_argument("--report", metavar="PATH",
-                        help="write a JSON report: seconds per phase, bytes each way, and "
-                             "each own record's match decision (for benchmarks)")
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep retrying a refused connection this long (a server "
+        "that is still starting)",
+    )
+    parser.add_argument(
+        "--report",
+        metavar="PATH",
+        help="write a JSON report: seconds per phase, bytes each way, and "
+        "each own record's match decision (for benchmarks)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     defaults_beside_script(parser, args, __file__)
     group_by = tuple(c.strip() for c in args.group_by.split(",") if c.strip())
     if not 1 <= len(group_by) <= 2:
-        parser.error(f"--group-by: expected one or two columns, found {args.group_by!r}")
+        parser.error(
+            f"--group-by: expected one or two columns, found {args.group_by!r}"
+        )
     args.group_by = group_by
     return args
 
@@ -122,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_spec(args.spec)
         frame = read_csv(args.data)
-        records = prepare(linkage_columns(frame, spec, parse_mapping(args.columns), args.data), spec)
+        records = prepare(
+            linkage_columns(frame, spec, parse_mapping(args.columns), args.data), spec
+        )
     except (SpecError, InputError) as exc:
         print(f"client: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -140,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ProtocolError, OSError) as exc:
         print(f"client: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_PROTOCOL
-    print(f"linked {int(result.matched.sum())} of {len(records)} records", file=sys.stderr)
+    print(
+        f"linked {int(result.matched.sum())} of {len(records)} records", file=sys.stderr
+    )
     print(format_table(result.shape, result.averages, result.counts))
     if args.output:
         write_output(args.output, result)

@@ -32,44 +32,100 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog="exit codes: 0 done (after --once), 2 bad usage or input, 130 interrupted")
+        epilog="exit codes: 0 done (after --once), 2 bad usage or input, "
+        "130 interrupted",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=5050, metavar="PORT",
-                        help="TCP port (0 picks a free one and prints it)")
-    parser.add_argument("--data", default="data/server.csv", metavar="CSV",
-                        help="the server's records")
-    parser.add_argument("--spec", default="data/spec_default.json", metavar="JSON",
-                        help="linkage specification (must equal the client's)")
-    parser.add_argument("--columns", default="", metavar="FIELD=COL[,...]",
-                        help="CSV column of each specification field, where the names differ")
-    parser.add_argument("--group-columns", default="state", metavar="COL[,COL]",
-                        help="columns a client may group by")
-    parser.add_argument("--value-columns", default="age", metavar="COL[,COL]",
-                        help="numeric columns a client may average")
-    parser.add_argument("--min-cell-size", type=int, default=5, metavar="K",
-                        help="refuse a query unless every cell has at least K linked people")
-    parser.add_argument("--reveal-counts", action="store_true",
-                        help="return each cell's count as well as its average")
-    parser.add_argument("--workers", type=int, default=2, metavar="N",
-                        help="processes for the linkage arithmetic")
-    parser.add_argument("--ray-address", metavar="HOST:PORT",
-                        help="run the linkage on this Ray cluster instead of local "
-                             "processes (--workers actors)")
-    parser.add_argument("--max-sessions", type=int, default=2, metavar="N",
-                        help="clients served at the same time; more wait in the queue")
-    parser.add_argument("--idle-timeout", type=float, default=120.0, metavar="SECONDS",
-                        help="drop a client that sends nothing for this long when "
-                             "the server waits on it")
-    parser.add_argument("--once", action="store_true", help="serve one client, then exit")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=5050,
+        metavar="PORT",
+        help="TCP port (0 picks a free one and prints it)",
+    )
+    parser.add_argument(
+        "--data", default="data/server.csv", metavar="CSV", help="the server's records"
+    )
+    parser.add_argument(
+        "--spec",
+        default="data/spec_default.json",
+        metavar="JSON",
+        help="linkage specification (must equal the client's)",
+    )
+    parser.add_argument(
+        "--columns",
+        default="",
+        metavar="FIELD=COL[,...]",
+        help="CSV column of each specification field, where the names differ",
+    )
+    parser.add_argument(
+        "--group-columns",
+        default="state",
+        metavar="COL[,COL]",
+        help="columns a client may group by",
+    )
+    parser.add_argument(
+        "--value-columns",
+        default="age",
+        metavar="COL[,COL]",
+        help="numeric columns a client may average",
+    )
+    parser.add_argument(
+        "--min-cell-size",
+        type=int,
+        default=5,
+        metavar="K",
+        help="refuse a query unless every cell has at least K linked people",
+    )
+    parser.add_argument(
+        "--reveal-counts",
+        action="store_true",
+        help="return each cell's count as well as its average",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        metavar="N",
+        help="processes for the linkage arithmetic",
+    )
+    parser.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="run the linkage on this Ray cluster instead of local "
+        "processes (--workers actors)",
+    )
+    parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=2,
+        metavar="N",
+        help="clients served at the same time; more wait in the queue",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="drop a client that sends nothing for this long when "
+        "the server waits on it",
+    )
+    parser.add_argument(
+        "--once", action="store_true", help="serve one client, then exit"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     defaults_beside_script(parser, args, __file__)
     if args.min_cell_size < 1:
-        parser.error(f"--min-cell-size: expected an integer >= 1, found {args.min_cell_size}")
+        parser.error(
+            f"--min-cell-size: expected an integer >= 1, found {args.min_cell_size}"
+        )
     if args.workers < 1:
         parser.error(f"--workers: expected an integer >= 1, found {args.workers}")
     if args.max_sessions < 1:
-        parser.error(f"--max-sessions: expected an integer >= 1, found {args.max_sessions}")
+        parser.error(
+            f"--max-sessions: expected an integer >= 1, found {args.max_sessions}"
+        )
     if not args.idle_timeout > 0:
         parser.error(f"--idle-timeout: expected seconds > 0, found {args.idle_timeout}")
     if not 0 <= args.port <= 65535:
@@ -81,8 +137,9 @@ def _columns(text: str) -> tuple[str, ...]:
     return tuple(c.strip() for c in text.split(",") if c.strip())
 
 
-def serve_one(conn: socket.socket, data: ServerData, options: SessionOptions,
-              idle_timeout: float) -> int:
+def serve_one(
+    conn: socket.socket, data: ServerData, options: SessionOptions, idle_timeout: float
+) -> int:
     """Child process body: one session, every failure logged and contained."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     conn.settimeout(idle_timeout)
@@ -157,33 +214,46 @@ def _reap(children: list) -> list:
             continue
         child.join()
         if child.exitcode is not None and child.exitcode < 0:
-            logger.error("session process died with signal %d; still serving",
-                         -child.exitcode)
+            logger.error(
+                "session process died with signal %d; still serving", -child.exitcode
+            )
     return alive
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s server %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s server %(message)s", stream=sys.stderr
+    )
     try:
         spec = load_spec(args.spec)
-        policy = ServerPolicy(_columns(args.group_columns), _columns(args.value_columns),
-                              args.min_cell_size, args.reveal_counts)
+        policy = ServerPolicy(
+            _columns(args.group_columns),
+            _columns(args.value_columns),
+            args.min_cell_size,
+            args.reveal_counts,
+        )
         data = load_server_data(args.data, spec, parse_mapping(args.columns), policy)
     except (SpecError, InputError) as exc:
         print(f"server: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
         with socket.create_server((args.host, args.port)) as listener:
-            logger.info("listening on %s:%d with %d records (spec %s)", args.host,
-                        listener.getsockname()[1], len(data.records), spec.name)
+            logger.info(
+                "listening on %s:%d with %d records (spec %s)",
+                args.host,
+                listener.getsockname()[1],
+                len(data.records),
+                spec.name,
+            )
             serve(listener, data, args)
     except KeyboardInterrupt:
         logger.info("interrupted; exiting")
         return EXIT_INTERRUPTED
     except OSError as exc:
-        print(f"server: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        print(
+            f"server: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr
+        )
         return EXIT_USAGE
     return EXIT_OK
 

@@ -31,16 +31,33 @@ sys.path.insert(0, str(HERE))
 from make_demo_data import age_from_birth_date, merged_state  # noqa: E402
 
 TEXT_FIELDS = ("given_name", "surname", "address_1", "suburb")
-CORRUPTIBLE = ("given_name", "surname", "street_number", "address_1", "address_2",
-               "suburb", "postcode", "date_of_birth", "soc_sec_id")
+CORRUPTIBLE = (
+    "given_name",
+    "surname",
+    "street_number",
+    "address_1",
+    "address_2",
+    "suburb",
+    "postcode",
+    "date_of_birth",
+    "soc_sec_id",
+)
 
 
 class Vocabulary:
     """Empirical value frequencies of the FEBRL4 originals."""
 
     def __init__(self, source: pd.DataFrame) -> None:
-        self.columns = {c: source[c].dropna().to_numpy() for c in
-                        ("given_name", "surname", "street_number", "address_1", "address_2")}
+        self.columns = {
+            c: source[c].dropna().to_numpy()
+            for c in (
+                "given_name",
+                "surname",
+                "street_number",
+                "address_1",
+                "address_2",
+            )
+        }
         self.places = source[["suburb", "postcode", "state"]].dropna().to_numpy()
 
     def people(self, count: int, rng: np.random.Generator) -> pd.DataFrame:
@@ -50,7 +67,9 @@ class Vocabulary:
         days = rng.integers(0, 100 * 365, count)
         dates = pd.Timestamp("1905-01-01") + pd.to_timedelta(days, unit="D")
         frame["date_of_birth"] = dates.strftime("%Y%m%d")
-        frame["soc_sec_id"] = [f"{n:07d}" for n in rng.integers(1_000_000, 9_999_999, count)]
+        frame["soc_sec_id"] = [
+            f"{n:07d}" for n in rng.integers(1_000_000, 9_999_999, count)
+        ]
         return frame
 
 
@@ -94,8 +113,9 @@ def corrupt(frame: pd.DataFrame, rng: np.random.Generator, rate: float) -> pd.Da
     return out
 
 
-def generate(clients: int, servers: int, shared: float, seed: int,
-             source: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def generate(
+    clients: int, servers: int, shared: float, seed: int, source: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(client, server) frames: ``shared`` of the client's people are on the server."""
     rng = np.random.default_rng(seed)
     vocabulary = Vocabulary(source)
@@ -112,24 +132,35 @@ def generate(clients: int, servers: int, shared: float, seed: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--client", type=int, default=1000, metavar="N",
-                        help="client records")
-    parser.add_argument("--server", type=int, default=1000, metavar="N",
-                        help="server records")
-    parser.add_argument("--shared", type=float, default=1.0, metavar="FRACTION",
-                        help="share of the client's people who are also on the server")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--client", type=int, default=1000, metavar="N", help="client records"
+    )
+    parser.add_argument(
+        "--server", type=int, default=1000, metavar="N", help="server records"
+    )
+    parser.add_argument(
+        "--shared",
+        type=float,
+        default=1.0,
+        metavar="FRACTION",
+        help="share of the client's people who are also on the server",
+    )
     parser.add_argument("--seed", type=int, default=1, metavar="SEED")
-    parser.add_argument("--out", default=".", metavar="DIR",
-                        help="folder for client.csv and server.csv")
+    parser.add_argument(
+        "--out", default=".", metavar="DIR", help="folder for client.csv and server.csv"
+    )
     args = parser.parse_args(argv)
     if args.client < 1 or args.server < 1:
         parser.error("--client and --server: expected at least 1 record each")
     if not 0.0 <= args.shared <= 1.0:
         parser.error(f"--shared: expected a fraction from 0 to 1, found {args.shared}")
-    source = pd.read_csv(HERE / "client.csv", dtype=str, keep_default_na=False,
-                         na_values=[""])
+    source = pd.read_csv(
+        HERE / "client.csv", dtype=str, keep_default_na=False, na_values=[""]
+    )
     client, server = generate(args.client, args.server, args.shared, args.seed, source)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,12 @@ import argparse
 from pathlib import Path
 
 
-def defaults_beside_script(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                           script: str, names: tuple[str, ...] = ("data", "spec")) -> None:
+def defaults_beside_script(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    script: str,
+    names: tuple[str, ...] = ("data", "spec"),
+) -> None:
     """Default files are found beside the script when it is run from elsewhere."""
     here = Path(script).resolve().parent
     for name in names:

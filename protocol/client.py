@@ -37,20 +37,27 @@ class ClientResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def make_query(group_by: tuple[str, ...], value: str, records: int,
-               parameters: str) -> Query:
+def make_query(
+    group_by: tuple[str, ...], value: str, records: int, parameters: str
+) -> Query:
     return Query(tuple(group_by), value, padded_count(records), parameters)
 
 
-def run_client(channel: Channel, spec: LinkageSpec, query: Query,
-               records: PreparedRecords, progress: bool = True) -> ClientResult:
+def run_client(
+    channel: Channel,
+    spec: LinkageSpec,
+    query: Query,
+    records: PreparedRecords,
+    progress: bool = True,
+) -> ClientResult:
     """Run every phase; raises QueryRefused, ProtocolError or OSError."""
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     shapes = pass_shapes(spec, query.size_class)
     channel.send_json(Msg.CLIENT_HELLO, client_hello(spec, query))
-    offer = check_server_hello(channel.recv_json(Msg.SERVER_HELLO), query,
-                               [s.groups for s in shapes])
+    offer = check_server_hello(
+        channel.recv_json(Msg.SERVER_HELLO), query, [s.groups for s in shapes]
+    )
     ckks = Ckks(query.parameters)
     try:
         keys = SecretKeyHolder(ckks)
@@ -58,7 +65,9 @@ def run_client(channel: Channel, spec: LinkageSpec, query: Query,
         channel.send(Msg.PUBLIC_KEY, public_key)
         channel.send(Msg.GALOIS_KEYS, galois)
         seconds["handshake"], clock = time.perf_counter() - clock, time.perf_counter()
-        candidates, slots = _linkage(channel, keys, spec, shapes, offer, records, progress)
+        candidates, slots = _linkage(
+            channel, keys, spec, shapes, offer, records, progress
+        )
         seconds["linkage"], clock = time.perf_counter() - clock, time.perf_counter()
         matched = _send_selection(channel, keys, candidates, slots, offer, progress)
         seconds["selection"], clock = time.perf_counter() - clock, time.perf_counter()
@@ -81,8 +90,12 @@ def _linkage(channel, keys, spec, shapes, offer, records, progress):
     reader.start()
     total = sum(s.groups for s in shapes)
     try:
-        with tqdm(total=total, desc="client: encrypt and link", unit="group",
-                  disable=not progress) as bar:
+        with tqdm(
+            total=total,
+            desc="client: encrypt and link",
+            unit="group",
+            disable=not progress,
+        ) as bar:
             for slot, counts in zip(slots, offer.positions):
                 for g in range(len(counts)):
                     for row in pair_rows(client_group_matrix(records.vectors, slot, g)):
@@ -102,9 +115,19 @@ class _ScoreReader(threading.Thread):
 
     def __init__(self, channel, keys, slots, positions, progress: bool) -> None:
         super().__init__(daemon=True)
-        self.channel, self.keys, self.slots, self.positions = channel, keys, slots, positions
-        self.bar = tqdm(total=sum(map(sum, positions)), desc="client: decrypt scores",
-                        unit="ct", position=1, disable=not progress)
+        self.channel, self.keys, self.slots, self.positions = (
+            channel,
+            keys,
+            slots,
+            positions,
+        )
+        self.bar = tqdm(
+            total=sum(map(sum, positions)),
+            desc="client: decrypt scores",
+            unit="ct",
+            position=1,
+            disable=not progress,
+        )
         self.candidates: list[dict[int, list[tuple[int, int]]]] = []
         self.failure: BaseException | None = None
 
@@ -125,7 +148,8 @@ class _ScoreReader(threading.Thread):
             for q in range(depth):
                 blob = self.channel.recv(Msg.SCORE_CT)
                 values = self.keys.decrypt(
-                    self.keys.ckks.load_ciphertext_untrusted(blob, LAST, final))
+                    self.keys.ckks.load_ciphertext_untrusted(blob, LAST, final)
+                )
                 for r in linkage.decide(values, owner):
                     found.setdefault(int(r), []).append((g, q))
                 self.bar.update()
@@ -146,8 +170,9 @@ def _send_selection(channel, keys, candidates, slots, offer, progress) -> np.nda
         matched[list(keep)] = True
         chosen.append(keep)
     total = sum(sum(c) for c in offer.positions)
-    with tqdm(total=total, desc="client: encrypt selection", unit="ct",
-              disable=not progress) as bar:
+    with tqdm(
+        total=total, desc="client: encrypt selection", unit="ct", disable=not progress
+    ) as bar:
         for keep, slot, counts in zip(chosen, slots, offer.positions):
             for g, depth in enumerate(counts):
                 selection = np.zeros((depth, SLOTS))
@@ -169,23 +194,28 @@ def _size_check_and_table(channel, keys, offer: ServerOffer):
     cells = offer.shape.cells
     threshold.check_asked(asked, cells)
     values = [_decrypt_first(channel, keys, Msg.SIZE_CHECK_CT) for _ in range(asked)]
-    channel.send_json(Msg.SIZE_CHECK_SIGNS,
-                      {"signs": threshold.answer_check(values, asked, cells)})
+    channel.send_json(
+        Msg.SIZE_CHECK_SIGNS, {"signs": threshold.answer_check(values, asked, cells)}
+    )
     msg, payload = channel.recv_any(Msg.TABLE, Msg.REFUSED)
     if msg == Msg.REFUSED:
         raise QueryRefused(_reason(payload))
     header = _json(payload, Msg.TABLE)
-    scales = crosstab.TableScales(_positive(header, "value_scale"),
-                                  _positive(header, "count_scale"))
+    scales = crosstab.TableScales(
+        _positive(header, "value_scale"), _positive(header, "count_scale")
+    )
     entries = cells * (2 if offer.reveal_counts else 1)
-    table = [_decrypt_first(channel, keys, Msg.TABLE_CT, whole=True) for _ in range(entries)]
+    table = [
+        _decrypt_first(channel, keys, Msg.TABLE_CT, whole=True) for _ in range(entries)
+    ]
     return crosstab.read_table(table, cells, scales, offer.reveal_counts)
 
 
 def _decrypt_first(channel, keys, msg: Msg, whole: bool = False):
     """Receive one last-level ciphertext and decrypt it (slot 0, or every slot)."""
-    ciphertext = keys.ckks.load_ciphertext_untrusted(channel.recv(msg), LAST,
-                                                     keys.ckks.final_scale())
+    ciphertext = keys.ckks.load_ciphertext_untrusted(
+        channel.recv(msg), LAST, keys.ckks.final_scale()
+    )
     values = keys.decrypt(ciphertext)
     return values if whole else values[0]
 

@@ -61,8 +61,12 @@ def table_factors(cells: int) -> np.ndarray:
 
 
 def add_selection(
-    ckks: Ckks, acc: CellAccumulator, selection: sa.Ciphertext,
-    cell_row: np.ndarray, value_row: np.ndarray, count_scale: float = 1.0,
+    ckks: Ckks,
+    acc: CellAccumulator,
+    selection: sa.Ciphertext,
+    cell_row: np.ndarray,
+    value_row: np.ndarray,
+    count_scale: float = 1.0,
 ) -> int:
     """Add selection * plaintexts of one position row; returns products done.
 
@@ -74,7 +78,9 @@ def add_selection(
     products = 0
     for c in np.unique(cell_row[usable]):
         mask = (usable & (cell_row == c)).astype(np.float64)
-        entry = acc.rho[c] / count_scale * (np.where(mask > 0, value_row, 0.0) + 1j * mask)
+        entry = (
+            acc.rho[c] / count_scale * (np.where(mask > 0, value_row, 0.0) + 1j * mask)
+        )
         _accumulate(ckks, acc.table, c, selection, entry)
         _accumulate(ckks, acc.checks, c, selection, acc.check[c] * mask)
         products += 2
@@ -84,8 +90,9 @@ def add_selection(
     return products
 
 
-def _accumulate(ckks: Ckks, into: list, cell: int, selection: sa.Ciphertext,
-                values: np.ndarray) -> None:
+def _accumulate(
+    ckks: Ckks, into: list, cell: int, selection: sa.Ciphertext, values: np.ndarray
+) -> None:
     product = sa.Ciphertext()
     ckks.evaluator.multiply_plain(selection, ckks.encode(values), product)
     if into[cell] is None:
@@ -114,8 +121,9 @@ def count_scale(size_class: int) -> float:
     return float(max(1, size_class >> 16))
 
 
-def table_ciphertexts(ckks: Ckks, public: PublicKeyHolder,
-                      acc: CellAccumulator) -> list[sa.Ciphertext]:
+def table_ciphertexts(
+    ckks: Ckks, public: PublicKeyHolder, acc: CellAccumulator
+) -> list[sa.Ciphertext]:
     """The cells' table entries, then their counts if revealed, re-randomised
     in place (call once per session).
 
@@ -126,17 +134,22 @@ def table_ciphertexts(ckks: Ckks, public: PublicKeyHolder,
     entries = acc.table + (acc.counts if acc.reveal_counts else [])
     present = next((c for c in entries if c is not None), None)
     if present is None:
-        raise ValueError("table_ciphertexts needs at least one cell with an accumulator")
+        raise ValueError(
+            "table_ciphertexts needs at least one cell with an accumulator"
+        )
     out = []
     for ciphertext in entries:
-        ciphertext = ciphertext if ciphertext is not None else public.encrypt_zero(present)
+        ciphertext = (
+            ciphertext if ciphertext is not None else public.encrypt_zero(present)
+        )
         public.rerandomise(ciphertext)
         out.append(ciphertext)
     return out
 
 
-def read_table(entries: list[np.ndarray], cells: int, scales: TableScales,
-               counts_revealed: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def read_table(
+    entries: list[np.ndarray], cells: int, scales: TableScales, counts_revealed: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The client's side: averages (and counts) from the decrypted table entries."""
     first = np.array([e[0] for e in entries[:cells]])
     averages = scales.value_scale * first.real / first.imag

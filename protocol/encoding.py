@@ -80,7 +80,9 @@ class FieldHasher:
     def __call__(self, gram: str) -> tuple[int, float]:
         hit = self._cache.get(gram)
         if hit is None:
-            digest = hashlib.blake2b(gram.encode(), key=self._key, digest_size=8).digest()
+            digest = hashlib.blake2b(
+                gram.encode(), key=self._key, digest_size=8
+            ).digest()
             number = int.from_bytes(digest, "big")
             hit = (number % self._dims, 1.0 if number >> 63 else -1.0)
             self._cache[gram] = hit
@@ -98,11 +100,14 @@ def encode_field(values: Sequence[object], dims: int, name: str, q: int) -> np.n
     return _unit_rows(out)
 
 
-def encode_records(columns: dict[str, Sequence[object]], spec: LinkageSpec) -> np.ndarray:
+def encode_records(
+    columns: dict[str, Sequence[object]], spec: LinkageSpec
+) -> np.ndarray:
     """Hash vectors of all records, float32, shape (records, spec.dims)."""
     total = sum(field.weight for field in spec.fields) or 1.0
     blocks = [
-        encode_field(columns[f.name], f.dims, f.name, spec.qgram) * np.sqrt(f.weight / total)
+        encode_field(columns[f.name], f.dims, f.name, spec.qgram)
+        * np.sqrt(f.weight / total)
         for f in spec.fields
     ]
     return _unit_rows(np.hstack(blocks)).astype(np.float32)
@@ -113,7 +118,9 @@ def _unit_rows(matrix: np.ndarray) -> np.ndarray:
     return matrix / np.where(norms == 0, 1.0, norms)
 
 
-def key_strings(columns: dict[str, Sequence[object]], blocking: BlockingPass) -> list[str]:
+def key_strings(
+    columns: dict[str, Sequence[object]], blocking: BlockingPass
+) -> list[str]:
     """The blocking key of every record ('' when a part is empty)."""
     count = len(next(iter(columns.values())))
     keys = []

@@ -37,7 +37,13 @@ class WorkerSetup:
 
     def args(self, vectors=None) -> tuple:
         chosen = self.vectors if vectors is None else vectors
-        return (self.parameters, self.public_key, self.galois_keys, chosen, self.threshold)
+        return (
+            self.parameters,
+            self.public_key,
+            self.galois_keys,
+            chosen,
+            self.threshold,
+        )
 
 
 class LocalPool:
@@ -46,8 +52,11 @@ class LocalPool:
     def __init__(self, workers: int, setup: WorkerSetup) -> None:
         self.workers = workers
         self._pool = ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("fork"),
-            initializer=linkage.init_worker, initargs=setup.args())
+            workers,
+            mp_context=multiprocessing.get_context("fork"),
+            initializer=linkage.init_worker,
+            initargs=setup.args(),
+        )
 
     def submit(self, query_bytes: list[bytes], rows: np.ndarray) -> Future:
         return self._pool.submit(linkage.score_rows, query_bytes, rows)
@@ -69,8 +78,12 @@ class RayPool:
         import protocol
 
         if not ray.is_initialized():
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False,
-                     runtime_env={"py_modules": [protocol]})
+            ray.init(
+                address=address,
+                logging_level="ERROR",
+                log_to_driver=False,
+                runtime_env={"py_modules": [protocol]},
+            )
         self._ray = ray
         actor = ray.remote(num_cpus=1)(_ScoreActor)
         vectors = ray.put(setup.vectors)

@@ -205,9 +205,7 @@ class FrameDecoder:
 
     def _parse_header(self, offset: int) -> tuple[int, int]:
         """Check one header of unverified peer bytes; return type and length."""
-        magic, version, msg_type, flags, length = _HEADER.unpack_from(
-            self._buf, offset
-        )
+        magic, version, msg_type, flags, length = _HEADER.unpack_from(self._buf, offset)
         if magic != MAGIC:
             raise ProtocolError("bad magic: not a PPRL frame")
         if version != VERSION:
@@ -297,9 +295,7 @@ def _depth_exceeds(value: Any, max_depth: int) -> bool:
             return True
         children = item.values() if isinstance(item, dict) else item
         stack.extend(
-            (child, depth + 1)
-            for child in children
-            if isinstance(child, (dict, list))
+            (child, depth + 1) for child in children if isinstance(child, (dict, list))
         )
     return False
 

@@ -69,31 +69,44 @@ def check_client_hello(obj: dict, spec: LinkageSpec, policy: ServerPolicy) -> Qu
     if type(version) is not int or version != PROTOCOL_VERSION:
         raise Refused(f"protocol version {version!r} is not {PROTOCOL_VERSION}")
     if not isinstance(parameters, str) or parameters not in PARAMETER_SETS:
-        raise Refused("parameter set is not on the allow-list: "
-                      f"{', '.join(PARAMETER_SETS)}")
+        raise Refused(
+            f"parameter set is not on the allow-list: {', '.join(PARAMETER_SETS)}"
+        )
     diff = differences(spec.raw, obj.get("spec"))
     if diff:
         raise Refused("linkage specifications differ: " + "; ".join(diff[:3]))
-    return Query(_group_by(obj.get("query"), policy), _value(obj.get("query"), policy),
-                 _size_class(obj.get("size_class")), obj["parameters"])
+    return Query(
+        _group_by(obj.get("query"), policy),
+        _value(obj.get("query"), policy),
+        _size_class(obj.get("size_class")),
+        obj["parameters"],
+    )
 
 
 def _group_by(query: object, policy: ServerPolicy) -> tuple[str, ...]:
     columns = query.get("group_by") if isinstance(query, dict) else None
-    if not isinstance(columns, list) or not 1 <= len(columns) <= 2 or len(set(map(str, columns))) != len(columns):
+    if (
+        not isinstance(columns, list)
+        or not 1 <= len(columns) <= 2
+        or len(set(map(str, columns))) != len(columns)
+    ):
         raise Refused("group_by must be one column or two different columns")
     for column in columns:
         if column not in policy.group_columns:
-            raise Refused(f"grouping by {column!r} is not allowed; allowed: "
-                          f"{', '.join(policy.group_columns)}")
+            raise Refused(
+                f"grouping by {column!r} is not allowed; allowed: "
+                f"{', '.join(policy.group_columns)}"
+            )
     return tuple(columns)
 
 
 def _value(query: object, policy: ServerPolicy) -> str:
     value = query.get("value") if isinstance(query, dict) else None
     if value not in policy.value_columns:
-        raise Refused(f"averaging {value!r} is not allowed; allowed: "
-                      f"{', '.join(policy.value_columns)}")
+        raise Refused(
+            f"averaging {value!r} is not allowed; allowed: "
+            f"{', '.join(policy.value_columns)}"
+        )
     return value
 
 
@@ -104,7 +117,9 @@ def _size_class(size: object) -> int:
     return size
 
 
-def server_hello(shape: TableShape, positions: list[list[int]], policy: ServerPolicy) -> dict:
+def server_hello(
+    shape: TableShape, positions: list[list[int]], policy: ServerPolicy
+) -> dict:
     return {
         "group_by": list(shape.group_by),
         "categories": [list(c) for c in shape.categories],
@@ -122,24 +137,44 @@ class ServerOffer:
     reveal_counts: bool
 
 
-def check_server_hello(obj: dict, query: Query, groups_per_pass: list[int]) -> ServerOffer:
+def check_server_hello(
+    obj: dict, query: Query, groups_per_pass: list[int]
+) -> ServerOffer:
     """The client's check: shape and position counts are consistent and bounded."""
     categories = obj.get("categories")
-    if obj.get("group_by") != list(query.group_by) or not isinstance(categories, list) \
-            or len(categories) != len(query.group_by) \
-            or not all(isinstance(c, list) and all(isinstance(x, str) for x in c) for c in categories):
+    if (
+        obj.get("group_by") != list(query.group_by)
+        or not isinstance(categories, list)
+        or len(categories) != len(query.group_by)
+        or not all(
+            isinstance(c, list) and all(isinstance(x, str) for x in c)
+            for c in categories
+        )
+    ):
         raise ProtocolError("server hello: table shape does not match the query")
     shape = TableShape(tuple(query.group_by), tuple(tuple(c) for c in categories))
     if not 1 <= shape.cells <= MAX_CELLS:
-        raise ProtocolError(f"server hello: {shape.cells} cells is outside 1..{MAX_CELLS}")
+        raise ProtocolError(
+            f"server hello: {shape.cells} cells is outside 1..{MAX_CELLS}"
+        )
     positions = obj.get("positions")
-    if not isinstance(positions, list) or [len(p) if isinstance(p, list) else -1 for p in positions] != groups_per_pass:
+    if (
+        not isinstance(positions, list)
+        or [len(p) if isinstance(p, list) else -1 for p in positions] != groups_per_pass
+    ):
         raise ProtocolError("server hello: position counts do not fit the layout")
     flat = [q for p in positions for q in p]
-    if not all(isinstance(q, int) and not isinstance(q, bool) and q >= 0 for q in flat) \
-            or sum(flat) > MAX_POSITIONS:
+    if (
+        not all(isinstance(q, int) and not isinstance(q, bool) and q >= 0 for q in flat)
+        or sum(flat) > MAX_POSITIONS
+    ):
         raise ProtocolError("server hello: bad position counts")
     k, reveal = obj.get("min_cell_size"), obj.get("reveal_counts")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or not isinstance(reveal, bool):
+    if (
+        not isinstance(k, int)
+        or isinstance(k, bool)
+        or k < 1
+        or not isinstance(reveal, bool)
+    ):
         raise ProtocolError("server hello: bad policy fields")
     return ServerOffer(shape, positions, k, reveal)

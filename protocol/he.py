@@ -60,7 +60,11 @@ MAX_GALOIS_KEYS_BYTES = 1 << 26
 
 
 def _scratch_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    return (
+        "/dev/shm"
+        if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK)
+        else tempfile.gettempdir()
+    )
 
 
 class _Scratch:
@@ -98,7 +102,9 @@ class Ckks:
         parms = sa.EncryptionParameters(sa.SCHEME_TYPE.CKKS)
         parms.set_poly_modulus_degree(self.params.poly_modulus_degree)
         parms.set_coeff_modulus(
-            sa.CoeffModulus.Create(self.params.poly_modulus_degree, list(self.params.coeff_bits))
+            sa.CoeffModulus.Create(
+                self.params.poly_modulus_degree, list(self.params.coeff_bits)
+            )
         )
         self.context = sa.SEALContext(parms, True, sa.SEC_LEVEL_TYPE.TC128)
         self.encoder = sa.CKKSEncoder(self.context)
@@ -132,13 +138,16 @@ class Ckks:
         for scratch in self._scratches:
             scratch.close()
 
-    def encode(self, values, level: int = TOP, scale: float | None = None) -> sa.Plaintext:
+    def encode(
+        self, values, level: int = TOP, scale: float | None = None
+    ) -> sa.Plaintext:
         """Encode real or complex slot values (a list converts faster than an array)."""
         plain = sa.Plaintext()
         values = np.asarray(values)
         kind = complex if np.iscomplexobj(values) else float
-        self.encoder.encode(values.astype(kind).tolist(), self.levels[level],
-                            scale or self.scale, plain)
+        self.encoder.encode(
+            values.astype(kind).tolist(), self.levels[level], scale or self.scale, plain
+        )
         return plain
 
     def decode(self, plain: sa.Plaintext) -> np.ndarray:
@@ -173,7 +182,9 @@ class Ckks:
 
     # -- untrusted bytes ---------------------------------------------------
 
-    def load_ciphertext_untrusted(self, data: bytes, level: int, scale: float) -> sa.Ciphertext:
+    def load_ciphertext_untrusted(
+        self, data: bytes, level: int, scale: float
+    ) -> sa.Ciphertext:
         """A ciphertext from the peer, refused unless it is exactly what we expect."""
         self._check_seal_header(data, MAX_CIPHERTEXT_BYTES, "ciphertext")
         ciphertext = self._load(sa.Ciphertext(self.context), data, "ciphertext")
@@ -209,13 +220,15 @@ class Ckks:
         return keys
 
     def galois_element(self, step: int) -> int:
-        """SEAL's Galois element for a left rotation by ``step`` slots: 3^step mod 2N."""
+        """SEAL's Galois element for a left rotation by ``step``: 3^step mod 2N."""
         return pow(3, step, 2 * self.params.poly_modulus_degree)
 
     def _check_seal_header(self, data: bytes, cap: int, what: str) -> None:
         if not isinstance(data, bytes) or not _SEAL_HEADER.size <= len(data) <= cap:
             raise ProtocolError(f"{what} refused: bad length")
-        magic, header_size, _major, _minor, _compr, reserved, size = _SEAL_HEADER.unpack_from(data)
+        magic, header_size, _major, _minor, _compr, reserved, size = (
+            _SEAL_HEADER.unpack_from(data)
+        )
         if magic != SEAL_MAGIC or header_size != _SEAL_HEADER.size or size != len(data):
             raise ProtocolError(f"{what} refused: not a SEAL object of the stated size")
         if reserved != 0:
@@ -243,7 +256,9 @@ class SecretKeyHolder:
         self.public_key = sa.PublicKey()
         generator.create_public_key(self.public_key)
         self.galois_keys = sa.GaloisKeys()
-        elements = ckks.galois_elements() if galois_elements is None else galois_elements
+        elements = (
+            ckks.galois_elements() if galois_elements is None else galois_elements
+        )
         generator.create_galois_keys(elements, self.galois_keys)
         self._encryptor = sa.Encryptor(ckks.context, self._secret)
         self._decryptor = sa.Decryptor(ckks.context, self._secret)
@@ -271,7 +286,10 @@ class PublicKeyHolder:
     """The server's view: it can encrypt (to re-randomise) and rotate, not decrypt."""
 
     def __init__(
-        self, ckks: Ckks, public_key: sa.PublicKey, galois_keys: sa.GaloisKeys | None = None
+        self,
+        ckks: Ckks,
+        public_key: sa.PublicKey,
+        galois_keys: sa.GaloisKeys | None = None,
     ) -> None:
         self.ckks = ckks
         self.galois_keys = galois_keys

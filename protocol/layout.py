@@ -33,11 +33,16 @@ SIZE_QUANTUM = 1024
 
 
 def padded_count(records: int) -> int:
-    """The client's record count rounded up to a multiple of 1024: all the server learns."""
+    """The client's record count rounded up to a multiple of 1024.
+
+    This is all the server learns of the client's size.
+    """
     return max(SIZE_QUANTUM, -(-records // SIZE_QUANTUM) * SIZE_QUANTUM)
 
 
-def bucket_count(client_records: int, slots_per_bucket: int, capacity_factor: float) -> int:
+def bucket_count(
+    client_records: int, slots_per_bucket: int, capacity_factor: float
+) -> int:
     """The power-of-two K that gives ``capacity_factor`` slots per client record.
 
     At least one group's worth, so that K * P is a whole number of groups.
@@ -74,7 +79,9 @@ def client_slots(bucket_of: np.ndarray, shape: PassShape) -> np.ndarray:
     return slot
 
 
-def client_group_matrix(vectors: np.ndarray, slot: np.ndarray, group: int) -> np.ndarray:
+def client_group_matrix(
+    vectors: np.ndarray, slot: np.ndarray, group: int
+) -> np.ndarray:
     """(dims, SLOTS) matrix of group ``group``: column s is the record in slot s."""
     out = np.zeros((vectors.shape[1], SLOTS), dtype=np.float64)
     here = (slot >= group * SLOTS) & (slot < (group + 1) * SLOTS)
@@ -103,7 +110,9 @@ def server_positions(
     return groups
 
 
-def _bucket_members(bucket_of: np.ndarray, buckets: int, shuffle: bool) -> list[list[int]]:
+def _bucket_members(
+    bucket_of: np.ndarray, buckets: int, shuffle: bool
+) -> list[list[int]]:
     members: list[list[int]] = [[] for _ in range(buckets)]
     for row, bucket in enumerate(bucket_of):
         if bucket >= 0:

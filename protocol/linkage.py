@@ -86,12 +86,20 @@ def score_position(
 _WORKER: dict = {}
 
 
-def init_worker(parameters: str, public_key: bytes, galois_keys: bytes,
-                vectors: np.ndarray, threshold: float) -> None:
+def init_worker(
+    parameters: str,
+    public_key: bytes,
+    galois_keys: bytes,
+    vectors: np.ndarray,
+    threshold: float,
+) -> None:
     """Runs once in each worker: build the context, load the client's public keys."""
     ckks = Ckks(parameters)
-    public = PublicKeyHolder(ckks, ckks.load_public_key_untrusted(public_key),
-                             ckks.load_galois_keys_untrusted(galois_keys))
+    public = PublicKeyHolder(
+        ckks,
+        ckks.load_public_key_untrusted(public_key),
+        ckks.load_galois_keys_untrusted(galois_keys),
+    )
     _WORKER.update(ckks=ckks, public=public, vectors=vectors, threshold=threshold)
 
 
@@ -102,12 +110,16 @@ def score_rows(query_bytes: list[bytes], rows: np.ndarray) -> list[bytes]:
     out = []
     for row in rows:
         plains = server_plain_matrix(_WORKER["vectors"], row)
-        out.append(ckks.to_bytes(score_position(ckks, public, queries, plains,
-                                                _WORKER["threshold"])))
+        out.append(
+            ckks.to_bytes(
+                score_position(ckks, public, queries, plains, _WORKER["threshold"])
+            )
+        )
     return out
 
 
 # -- the client's side ------------------------------------------------------------
+
 
 def slot_owners(slot: np.ndarray, group: int) -> np.ndarray:
     """Client row in each slot of ``group`` (-1 for padding)."""

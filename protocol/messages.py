@@ -133,7 +133,9 @@ class Channel:
     def _advance(self, msg: Msg) -> None:
         allowed = TRANSITIONS[self.state]
         if msg not in allowed:
-            raise ProtocolError(f"{msg.name} is out of order in state '{self.state.value}'")
+            raise ProtocolError(
+                f"{msg.name} is out of order in state '{self.state.value}'"
+            )
         self.state = allowed[msg]
 
     def send(self, msg: Msg, payload: bytes) -> None:
@@ -148,7 +150,9 @@ class Channel:
         if frame.msg_type == Msg.ERROR:
             raise PeerError(_error_text(frame))
         if frame.msg_type != expected:
-            raise ProtocolError(f"expected {expected.name}, received {Msg(frame.msg_type).name}")
+            raise ProtocolError(
+                f"expected {expected.name}, received {Msg(frame.msg_type).name}"
+            )
         self._advance(expected)
         return frame.payload
 
@@ -162,13 +166,15 @@ class Channel:
             raise PeerError(_error_text(frame))
         if frame.msg_type not in expected:
             names = " or ".join(m.name for m in expected)
-            raise ProtocolError(f"expected {names}, received {Msg(frame.msg_type).name}")
+            raise ProtocolError(
+                f"expected {names}, received {Msg(frame.msg_type).name}"
+            )
         msg = Msg(frame.msg_type)
         self._advance(msg)
         return msg, frame.payload
 
     def send_error(self, text: str) -> None:
-        """Best effort: tell the peer why we are closing, then stop using the channel."""
+        """Best effort: tell the peer why we close, then stop using the channel."""
         try:
             payload = encode_json(int(Msg.ERROR), {"error": text[:1000]})[HEADER_SIZE:]
             send_frame(self.sock, int(Msg.ERROR), payload, counter=self.bytes)

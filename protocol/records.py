@@ -50,8 +50,10 @@ def linkage_columns(
     """{spec field: values}, taking each field from its mapped CSV column."""
     unknown = sorted(set(mapping) - set(spec.field_names))
     if unknown:
-        raise InputError(f"--columns: {unknown[0]!r} is not a field of spec {spec.name!r}; "
-                         f"fields are {', '.join(spec.field_names)}")
+        raise InputError(
+            f"--columns: {unknown[0]!r} is not a field of spec {spec.name!r}; "
+            f"fields are {', '.join(spec.field_names)}"
+        )
     out = {}
     for field in spec.field_names:
         column = mapping.get(field, field)
@@ -60,10 +62,14 @@ def linkage_columns(
     return out
 
 
-def require_column(frame: pd.DataFrame, column: str, path: str | Path, role: str) -> None:
+def require_column(
+    frame: pd.DataFrame, column: str, path: str | Path, role: str
+) -> None:
     if column not in frame.columns:
-        raise InputError(f"{path}: expected a column {column!r} for {role}, "
-                         f"found columns {', '.join(frame.columns)}")
+        raise InputError(
+            f"{path}: expected a column {column!r} for {role}, "
+            f"found columns {', '.join(frame.columns)}"
+        )
 
 
 def numeric_column(frame: pd.DataFrame, column: str, path: str | Path) -> np.ndarray:
@@ -74,6 +80,8 @@ def numeric_column(frame: pd.DataFrame, column: str, path: str | Path) -> np.nda
     bad = values.isna() & text.notna() | ~np.isfinite(values.fillna(0.0))
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise InputError(f"{path}: row {row + 2}, column {column!r}: expected a number, "
-                         f"found {text.iloc[row]!r}")
+        raise InputError(
+            f"{path}: row {row + 2}, column {column!r}: expected a number, "
+            f"found {text.iloc[row]!r}"
+        )
     return values.to_numpy(dtype=np.float64)

@@ -83,13 +83,17 @@ def _members(bucket_of: np.ndarray) -> dict[int, np.ndarray]:
     }
 
 
-def _pass_candidates(spec, client, server, c_bucket, slot, members) -> dict[int, list[int]]:
+def _pass_candidates(
+    spec, client, server, c_bucket, slot, members
+) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
     for row in np.flatnonzero(slot >= 0):
         rows = members.get(int(c_bucket[row]))
         if rows is None:
             continue
-        scores = server.vectors[rows].astype(np.float64) @ client.vectors[row].astype(np.float64)
+        scores = server.vectors[rows].astype(np.float64) @ client.vectors[row].astype(
+            np.float64
+        )
         hits = [int(r) for r, s in zip(rows, scores) if spec.is_match(float(s))]
         if hits:
             out[int(row)] = hits
@@ -108,7 +112,9 @@ def first_pass_links(candidates: list[dict[int, list[int]]]) -> list[tuple[int, 
     return links
 
 
-def first_pass_decisions(candidates: list[dict[int, list]], records: int) -> list[list[int]]:
+def first_pass_decisions(
+    candidates: list[dict[int, list]], records: int
+) -> list[list[int]]:
     """Per client row: [first pass with a candidate or -1, its candidates there].
 
     Works on the plaintext rule's candidates (server rows) and on the encrypted

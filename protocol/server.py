@@ -41,8 +41,9 @@ class ServerData:
     policy: ServerPolicy
 
 
-def load_server_data(path: str | Path, spec: LinkageSpec, mapping: dict[str, str],
-                     policy: ServerPolicy) -> ServerData:
+def load_server_data(
+    path: str | Path, spec: LinkageSpec, mapping: dict[str, str], policy: ServerPolicy
+) -> ServerData:
     """Read and encode the server CSV; check the policy's columns are there."""
     frame = read_csv(path)
     for column in policy.group_columns:
@@ -79,20 +80,34 @@ class SessionOptions:
     ray_address: str | None = None
 
 
-def run_session(channel: Channel, data: ServerData,
-                options: SessionOptions = SessionOptions()) -> str:
+def run_session(
+    channel: Channel, data: ServerData, options: SessionOptions = SessionOptions()
+) -> str:
     """Serve one client to the end; returns 'table' or 'refused'."""
     started = time.perf_counter()
-    query = check_client_hello(channel.recv_json(Msg.CLIENT_HELLO), data.spec, data.policy)
+    query = check_client_hello(
+        channel.recv_json(Msg.CLIENT_HELLO), data.spec, data.policy
+    )
     ckks = Ckks(query.parameters)
     try:
         layout = session_layout(data, query.size_class)
         shape = table_shape(data.frame, query.group_by)
-        channel.send_json(Msg.SERVER_HELLO, server_hello(shape, layout.counts(), data.policy))
+        channel.send_json(
+            Msg.SERVER_HELLO, server_hello(shape, layout.counts(), data.policy)
+        )
         keys = (channel.recv(Msg.PUBLIC_KEY), channel.recv(Msg.GALOIS_KEYS))
-        public = PublicKeyHolder(ckks, ckks.load_public_key_untrusted(keys[0]),
-                                 ckks.load_galois_keys_untrusted(keys[1]))
-        _log_phase("handshake", started, channel, cells=shape.cells, size_class=query.size_class)
+        public = PublicKeyHolder(
+            ckks,
+            ckks.load_public_key_untrusted(keys[0]),
+            ckks.load_galois_keys_untrusted(keys[1]),
+        )
+        _log_phase(
+            "handshake",
+            started,
+            channel,
+            cells=shape.cells,
+            size_class=query.size_class,
+        )
         _linkage(channel, ckks, data, layout, keys, options)
         return _aggregate(channel, ckks, public, data, layout, shape, query)
     finally:
@@ -106,8 +121,12 @@ def _linkage(channel, ckks, data, layout, keys, options: SessionOptions) -> None
     groups = [p for passes in layout.positions for p in passes]
     pool = open_pool(setup, options.workers, options.ray_address)
     try:
-        with tqdm(total=len(groups), desc="server: linkage", unit="group",
-                  disable=not options.progress) as bar:
+        with tqdm(
+            total=len(groups),
+            desc="server: linkage",
+            unit="group",
+            disable=not options.progress,
+        ) as bar:
             pending = None
             for positions in groups:
                 queries = _receive_queries(channel, ckks, query_count(data.spec.dims))
@@ -120,8 +139,14 @@ def _linkage(channel, ckks, data, layout, keys, options: SessionOptions) -> None
     finally:
         pool.close()
     positions = sum(sum(c) for c in layout.counts())
-    _log_phase("linkage", started, channel, groups=len(groups), positions=positions,
-               products=positions * query_count(data.spec.dims))
+    _log_phase(
+        "linkage",
+        started,
+        channel,
+        groups=len(groups),
+        positions=positions,
+        products=positions * query_count(data.spec.dims),
+    )
 
 
 def _receive_queries(channel: Channel, ckks: Ckks, dims: int) -> list[bytes]:
@@ -143,20 +168,26 @@ def _aggregate(channel, ckks, public, data, layout, shape, query) -> str:
     started = time.perf_counter()
     cell = cell_of_records(data.frame, shape)
     raw = numeric_column(data.frame, query.value, data.path)
-    scales = crosstab.TableScales(value_scale(raw), crosstab.count_scale(query.size_class))
+    scales = crosstab.TableScales(
+        value_scale(raw), crosstab.count_scale(query.size_class)
+    )
     values = raw / scales.value_scale
-    acc = crosstab.CellAccumulator(crosstab.table_factors(shape.cells),
-                                   threshold.check_factors(shape.cells),
-                                   data.policy.reveal_counts)
+    acc = crosstab.CellAccumulator(
+        crosstab.table_factors(shape.cells),
+        threshold.check_factors(shape.cells),
+        data.policy.reveal_counts,
+    )
     for groups in layout.positions:
         for positions in groups:
             for row in positions:
                 selection = ckks.load_ciphertext_untrusted(
-                    channel.recv(Msg.SELECTION_CT), TOP, ckks.scale)
+                    channel.recv(Msg.SELECTION_CT), TOP, ckks.scale
+                )
                 cells_here = np.where(row >= 0, cell[np.maximum(row, 0)], -1)
                 values_here = np.where(row >= 0, values[np.maximum(row, 0)], np.nan)
-                crosstab.add_selection(ckks, acc, selection, cells_here, values_here,
-                                       scales.count_scale)
+                crosstab.add_selection(
+                    ckks, acc, selection, cells_here, values_here, scales.count_scale
+                )
     crosstab.finish_totals(ckks, acc, public.galois_keys)
     _log_phase("cross-tab sums", started, channel, cells=shape.cells)
     return _size_check_and_table(channel, ckks, public, data, acc, scales, query)
@@ -168,31 +199,45 @@ def _size_check_and_table(channel, ckks, public, data, acc, scales, query) -> st
     if all(c is None for c in acc.checks):
         channel.send_json(Msg.REFUSED, {"reason": _refusal(policy)})
         return "refused"
-    checks, key = threshold.build_check(ckks, public, acc.checks, acc.check,
-                                        policy.min_cell_size, query.size_class)
+    checks, key = threshold.build_check(
+        ckks, public, acc.checks, acc.check, policy.min_cell_size, query.size_class
+    )
     channel.send_json(Msg.SIZE_CHECK, {"values": len(checks)})
     for ciphertext in checks:
         channel.send(Msg.SIZE_CHECK_CT, ckks.to_bytes(ciphertext))
-    answers = threshold.parse_answers(channel.recv_json(Msg.SIZE_CHECK_SIGNS).get("signs"),
-                                      len(checks))
+    answers = threshold.parse_answers(
+        channel.recv_json(Msg.SIZE_CHECK_SIGNS).get("signs"), len(checks)
+    )
     passed = key.verdict(answers)
-    _log_phase("size check", started, channel, cells=acc.cells, passed=bool(passed.all()))
+    _log_phase(
+        "size check", started, channel, cells=acc.cells, passed=bool(passed.all())
+    )
     if not passed.all():
         channel.send_json(Msg.REFUSED, {"reason": _refusal(policy)})
         return "refused"
-    channel.send_json(Msg.TABLE, {"value_scale": scales.value_scale,
-                                  "count_scale": scales.count_scale})
+    channel.send_json(
+        Msg.TABLE,
+        {"value_scale": scales.value_scale, "count_scale": scales.count_scale},
+    )
     for ciphertext in crosstab.table_ciphertexts(ckks, public, acc):
         channel.send(Msg.TABLE_CT, ckks.to_bytes(ciphertext))
     return "table"
 
 
 def _refusal(policy: ServerPolicy) -> str:
-    return (f"query refused: at least one cell of the table has fewer than "
-            f"{policy.min_cell_size} linked people with a value")
+    return (
+        f"query refused: at least one cell of the table has fewer than "
+        f"{policy.min_cell_size} linked people with a value"
+    )
 
 
 def _log_phase(name: str, started: float, channel: Channel, **sizes) -> None:
     extra = " ".join(f"{k}={v}" for k, v in sizes.items())
-    logger.info("phase %s: %.2f s, received %d B, sent %d B total; %s", name,
-                time.perf_counter() - started, channel.bytes.received, channel.bytes.sent, extra)
+    logger.info(
+        "phase %s: %.2f s, received %d B, sent %d B total; %s",
+        name,
+        time.perf_counter() - started,
+        channel.bytes.received,
+        channel.bytes.sent,
+        extra,
+    )

@@ -109,12 +109,17 @@ def spec_from_obj(obj: Any) -> LinkageSpec:
     """Build a specification from parsed JSON, checking every value."""
     _require(isinstance(obj, dict), "the specification must be a JSON object")
     version = obj.get("version")
-    _require(type(version) is int and version == SPEC_VERSION, f"'version' must be {SPEC_VERSION}")
+    _require(
+        type(version) is int and version == SPEC_VERSION,
+        f"'version' must be {SPEC_VERSION}",
+    )
     fields = tuple(_field(item, i) for i, item in enumerate(_list(obj, "fields")))
     _require(0 < len(fields) <= MAX_FIELDS, f"'fields' needs 1 to {MAX_FIELDS} entries")
     _require(len({f.name for f in fields}) == len(fields), "field names must differ")
     passes = tuple(_pass(item, i) for i, item in enumerate(_list(obj, "blocking")))
-    _require(0 < len(passes) <= MAX_PASSES, f"'blocking' needs 1 to {MAX_PASSES} passes")
+    _require(
+        0 < len(passes) <= MAX_PASSES, f"'blocking' needs 1 to {MAX_PASSES} passes"
+    )
     spec = LinkageSpec(
         name=_str(obj, "name"),
         qgram=_int(obj, "qgram", 1, 4),
@@ -168,14 +173,19 @@ def _pass(item: Any, index: int) -> BlockingPass:
     parts = tuple(_part(p, index) for p in _list(item, "key"))
     _require(len(parts) > 0, f"blocking[{index}].key needs at least one part")
     slots = _int(item, "slots_per_bucket", 1, 4096)
-    _require(slots & (slots - 1) == 0, f"blocking[{index}].slots_per_bucket must be a power of two")
+    _require(
+        slots & (slots - 1) == 0,
+        f"blocking[{index}].slots_per_bucket must be a power of two",
+    )
     return BlockingPass(name=_str(item, "name"), parts=parts, slots_per_bucket=slots)
 
 
 def _part(item: Any, index: int) -> KeyPart:
     _require(isinstance(item, dict), f"blocking[{index}].key entries must be objects")
     transform = _str(item, "transform")
-    _require(transform in TRANSFORMS, f"transform {transform!r} is not one of {TRANSFORMS}")
+    _require(
+        transform in TRANSFORMS, f"transform {transform!r} is not one of {TRANSFORMS}"
+    )
     return KeyPart(field=_str(item, "field"), transform=transform)
 
 
@@ -191,7 +201,10 @@ def _list(obj: dict, key: str) -> list:
 
 def _str(obj: dict, key: str) -> str:
     value = obj.get(key)
-    _require(isinstance(value, str) and 0 < len(value) <= 64, f"'{key}' must be a short string")
+    _require(
+        isinstance(value, str) and 0 < len(value) <= 64,
+        f"'{key}' must be a short string",
+    )
     return value
 
 
@@ -210,5 +223,8 @@ def _int(obj: dict, key: str, low: int, high: int) -> int:
 def _number(obj: dict, key: str, low: float, high: float) -> float:
     value = obj.get(key)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    _require(ok and low <= value <= high, f"'{key}' must be a number from {low} to {high}, found {value!r}")
+    _require(
+        ok and low <= value <= high,
+        f"'{key}' must be a number from {low} to {high}, found {value!r}",
+    )
     return float(value)

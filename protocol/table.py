@@ -33,7 +33,8 @@ class TableShape:
 
 def table_shape(frame: pd.DataFrame, group_by: tuple[str, ...]) -> TableShape:
     categories = tuple(
-        tuple(sorted(frame[column].dropna().astype(str).unique())) for column in group_by
+        tuple(sorted(frame[column].dropna().astype(str).unique()))
+        for column in group_by
     )
     return TableShape(group_by=group_by, categories=categories)
 
@@ -42,8 +43,12 @@ def cell_of_records(frame: pd.DataFrame, shape: TableShape) -> np.ndarray:
     """Cell index of every server record, or -1 if a group value is empty."""
     cell = np.zeros(len(frame), dtype=np.int64)
     for column, categories in zip(shape.group_by, shape.categories):
-        codes = pd.Categorical(frame[column].astype("string"), categories=categories).codes
-        cell = np.where(codes < 0, -1, np.where(cell < 0, -1, cell * len(categories) + codes))
+        codes = pd.Categorical(
+            frame[column].astype("string"), categories=categories
+        ).codes
+        cell = np.where(
+            codes < 0, -1, np.where(cell < 0, -1, cell * len(categories) + codes)
+        )
     return cell
 
 
@@ -71,7 +76,9 @@ def plain_table(
     return sums, counts
 
 
-def format_table(shape: TableShape, averages: np.ndarray, counts: np.ndarray | None) -> str:
+def format_table(
+    shape: TableShape, averages: np.ndarray, counts: np.ndarray | None
+) -> str:
     """The table as aligned text, one row per cell."""
     frame = pd.DataFrame(shape.labels(), columns=list(shape.group_by))
     frame["average"] = averages

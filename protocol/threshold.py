@@ -77,8 +77,12 @@ class CheckKey:
 
 
 def build_check(
-    ckks: Ckks, public: PublicKeyHolder, checks: list[sa.Ciphertext | None],
-    factors: np.ndarray, min_cell_size: int, size_class: int,
+    ckks: Ckks,
+    public: PublicKeyHolder,
+    checks: list[sa.Ciphertext | None],
+    factors: np.ndarray,
+    min_cell_size: int,
+    size_class: int,
 ) -> tuple[list[sa.Ciphertext], CheckKey]:
     """The check ciphertexts for all cells plus decoys, shuffled, and the key.
 
@@ -97,14 +101,20 @@ def build_check(
         values[order[c]] = _offset(ckks, public, total, factors[c], min_cell_size)
     for j in range(decoys):
         total = _fresh_total(ckks, public, decoy_factors[j] * drawn[j])
-        values[order[cells + j]] = _offset(ckks, public, total, decoy_factors[j],
-                                           min_cell_size)
+        values[order[cells + j]] = _offset(
+            ckks, public, total, decoy_factors[j], min_cell_size
+        )
     true_decoy = np.sign(decoy_factors * (drawn - min_cell_size + 0.5))
     return values, CheckKey(order[:cells], order[cells:], true_decoy, np.sign(factors))
 
 
-def _offset(ckks: Ckks, public: PublicKeyHolder, total: sa.Ciphertext, factor: float,
-            min_cell_size: int) -> sa.Ciphertext:
+def _offset(
+    ckks: Ckks,
+    public: PublicKeyHolder,
+    total: sa.Ciphertext,
+    factor: float,
+    min_cell_size: int,
+) -> sa.Ciphertext:
     """factor * (n - k + 1/2) plus slot noise, re-randomised."""
     shift = factor * (0.5 - min_cell_size) + small_noise(SLOTS, CHECK_NOISE)
     ckks.evaluator.add_plain_inplace(total, ckks.encode(shift, LAST, total.scale))
@@ -141,8 +151,9 @@ def _decoy_counts(count: int, min_cell_size: int, size_class: int) -> np.ndarray
 def check_asked(asked: int, cells: int) -> None:
     """The client answers only as many values as the table's shape allows."""
     if asked != values_asked(cells):
-        raise ProtocolError(f"size check asks {asked} values; this table allows "
-                            f"{values_asked(cells)}")
+        raise ProtocolError(
+            f"size check asks {asked} values; this table allows {values_asked(cells)}"
+        )
 
 
 def answer_check(values: list[complex], asked: int, cells: int) -> str:
@@ -156,5 +167,7 @@ def answer_check(values: list[complex], asked: int, cells: int) -> str:
 def parse_answers(text: object, asked: int) -> np.ndarray:
     """The server's side: exactly ``asked`` characters of '0'/'1'."""
     if not isinstance(text, str) or len(text) != asked or set(text) - {"0", "1"}:
-        raise ProtocolError("size-check answers must be a string of 0s and 1s of the asked length")
+        raise ProtocolError(
+            "size-check answers must be a string of 0s and 1s of the asked length"
+        )
     return np.frombuffer(text.encode(), dtype=np.uint8) == ord("1")
