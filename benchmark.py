@@ -179,7 +179,9 @@ def run_once(args, workdir: Path) -> dict:
     server_peak = server_memory.stop()
     if code != 0:
         raise SystemExit(f"client exited with {code}; server log:\n{log.read_text()}")
-    phases = re.findall(r"phase (.+?): ([\d.]+) s", log.read_text())
+    text = log.read_text()
+    phases = re.findall(r"phase (.+?): ([\d.]+) s", text)
+    products = re.search(r"phase linkage: .*products=(\d+)", text)
     return {
         "seconds": seconds,
         "client_peak": client_peak,
@@ -187,6 +189,7 @@ def run_once(args, workdir: Path) -> dict:
         "report": json.loads(report.read_text()),
         "table": pd.read_csv(table),
         "server_phases": {name: float(s) for name, s in phases},
+        "products": int(products.group(1)) if products else 0,
     }
 
 
@@ -258,36 +261,74 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="end-to-end runs (the median is reported)",
     )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="generate and measure every size of --sizes",
+    )
+    parser.add_argument(
+        "--sizes",
+        default="1000x1000,5000x5000,20000x20000,100000x100000,10000x1000000",
+        metavar="CxS[,CxS]",
+        help="client x server sizes for --sweep",
+    )
+    parser.add_argument("--seed", type=int, default=1, help="seed for --sweep's data")
+    parser.add_argument("--sweep-csv", metavar="PATH", help="write the sweep table")
+    parser.add_argument(
+        "--plot", metavar="PNG", help="plot the sweep (needs matplotlib)"
+    )
     args = parser.parse_args(argv)
     args.group_by = [c for c in args.group_by.split(",") if c]
+    args.product_seconds = product_seconds()
 
+    if args.sweep:
+        return sweep(args)
+    report(measure(args), args)
+    return 0
+
+
+def measure(args) -> dict:
+    """One full measurement of args.client_data against args.server_data."""
     spec = load_spec(args.spec)
     client, server = read_csv(args.client_data), read_csv(args.server_data)
     truth = true_links(client, server, args.id_column, args.id_pattern)
     candidates, links, plain_seconds, ours, theirs = plaintext_rule(
         args, spec, client, server
     )
-    met = blocking_recall(spec, ours, theirs, truth)
     with tempfile.TemporaryDirectory() as tmp:
         runs = [run_once(args, Path(tmp)) for _ in range(args.runs)]
     run = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
-
-    quality = link_quality(links, truth)
     decisions = run["report"]["decisions"]
     expected = first_pass_decisions(candidates, len(client))
-    matched_agree = np.mean(
-        [(a[0] >= 0) == (b[0] >= 0) for a, b in zip(decisions, expected)]
-    )
-    full_agree = np.mean([a == b for a, b in zip(decisions, expected)])
     encrypted = run["table"]["average"].to_numpy()
-    vs_rule = np.nanmax(np.abs(encrypted - averages(links, server, args)))
-    vs_truth = np.nanmax(np.abs(encrypted - averages(sorted(truth), server, args)))
+    return {
+        "spec": spec,
+        "clients": len(client),
+        "servers": len(server),
+        "runs": runs,
+        "run": run,
+        "plain_seconds": plain_seconds,
+        "quality": link_quality(links, truth),
+        "met": blocking_recall(spec, ours, theirs, truth),
+        "matched_agree": float(
+            np.mean([(a[0] >= 0) == (b[0] >= 0) for a, b in zip(decisions, expected)])
+        ),
+        "full_agree": float(np.mean([a == b for a, b in zip(decisions, expected)])),
+        "vs_rule": float(np.nanmax(np.abs(encrypted - averages(links, server, args)))),
+        "vs_truth": float(
+            np.nanmax(np.abs(encrypted - averages(sorted(truth), server, args)))
+        ),
+        "products": run["products"],
+    }
 
+
+def report(m: dict, args) -> None:
+    run, quality = m["run"], m["quality"]
     print(
-        f"data: {len(client)} client x {len(server)} server records, spec {spec.name}, "
-        f"{args.runs} run(s), median shown"
+        f"data: {m['clients']} client x {m['servers']} server records, "
+        f"spec {m['spec'].name}, {args.runs} run(s), median shown"
     )
-    every = ", ".join(f"{r['seconds']:.2f}" for r in runs)
+    every = ", ".join(f"{r['seconds']:.2f}" for r in m["runs"])
     print(f"end to end (client start to table): {run['seconds']:.2f} s (runs: {every})")
     for name, seconds in run["report"]["seconds"].items():
         print(f"  client phase {name:<22} {seconds:8.2f} s")
@@ -300,26 +341,151 @@ def main(argv: list[str] | None = None) -> int:
         f"client {run['client_peak'] / 2**20:,.0f} MiB "
         "(resident, summed over each process tree)"
     )
-    print(f"blocking: {met:.4%} of true pairs meet in at least one pass")
+    floor = m["products"] * args.product_seconds
+    linkage = run["server_phases"].get("linkage", 0.0)
+    print(
+        f"linkage multiplies: {m['products']:,}; at {args.product_seconds * 1e3:.3f} "
+        f"ms each (multiply_plain, measured now) the floor is {floor:.2f} s of one "
+        f"core; the server's linkage took {linkage:.2f} s on {args.workers} workers, "
+        f"{_ratio(run, floor):.1f}x that floor"
+    )
+    print(f"blocking: {m['met']:.4%} of true pairs meet in at least one pass")
     print(
         f"plaintext rule vs truth: precision {quality['precision']:.4f} "
         f"recall {quality['recall']:.4f} F1 {quality['f1']:.4f} "
         f"({quality['links']} links)"
     )
     print(
-        f"plaintext rule, same linkage in numpy: {plain_seconds:.2f} s; "
-        f"encrypted / plaintext time: {run['seconds'] / plain_seconds:.0f}x"
+        f"plaintext rule, same linkage in numpy: {m['plain_seconds']:.2f} s; "
+        f"encrypted / plaintext time: {run['seconds'] / m['plain_seconds']:.0f}x"
     )
     print(
-        f"encrypted vs plaintext rule: match decisions agree on {matched_agree:.4%} of "
-        f"client records; decision and candidate count agree on {full_agree:.4%}"
+        f"encrypted vs plaintext rule: match decisions agree on "
+        f"{m['matched_agree']:.4%} of client records; decision and candidate count "
+        f"agree on {m['full_agree']:.4%}"
     )
     print(
-        f"table: max |encrypted - plaintext rule| = {vs_rule:.6f}; "
-        f"max |encrypted - truth| = {vs_truth:.4f}"
+        f"table: max |encrypted - plaintext rule| = {m['vs_rule']:.6f}; "
+        f"max |encrypted - truth| = {m['vs_truth']:.4f}"
     )
     print(run["table"].to_string(index=False))
+
+
+def _ratio(run: dict, floor: float) -> float:
+    return run["server_phases"].get("linkage", 0.0) / floor if floor else float("nan")
+
+
+def product_seconds() -> float:
+    """Median seconds of one multiply_plain here (plaintext encoded beforehand)."""
+    from protocol.he import Ckks, SecretKeyHolder, TOP
+
+    ckks = Ckks()
+    keys = SecretKeyHolder(ckks, galois_elements=[])
+    rng = np.random.default_rng(0)
+    row = rng.normal(size=ckks.slots) + 1j * rng.normal(size=ckks.slots)
+    query = ckks.load_ciphertext_untrusted(keys.encrypt_to_bytes(row), TOP, ckks.scale)
+    plain, timings, product = ckks.encode(row.conj()), [], sa_ciphertext()
+    for _ in range(200):
+        started = time.perf_counter()
+        ckks.evaluator.multiply_plain(query, plain, product)
+        timings.append(time.perf_counter() - started)
+    ckks.close()
+    return float(np.median(timings))
+
+
+def sa_ciphertext():
+    import tenseal.sealapi as sa
+
+    return sa.Ciphertext()
+
+
+def sweep(args) -> int:
+    """Generate each size with data/generate.py, measure it, print one table."""
+    sizes = [tuple(int(n) for n in item.split("x")) for item in args.sizes.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for clients, servers in sizes:
+            folder = Path(tmp) / f"{clients}x{servers}"
+            subprocess.run(
+                [
+                    sys.executable,
+                    str(HERE / "data" / "generate.py"),
+                    "--client",
+                    str(clients),
+                    "--server",
+                    str(servers),
+                    "--seed",
+                    str(args.seed),
+                    "--out",
+                    str(folder),
+                ],
+                check=True,
+                capture_output=True,
+            )
+            args.client_data = str(folder / "client.csv")
+            args.server_data = str(folder / "server.csv")
+            m = measure(args)
+            rows.append(_sweep_row(m, args))
+            print(_format_row(rows[-1]), flush=True)
+    table = pd.DataFrame(rows)
+    if args.sweep_csv:
+        table.to_csv(args.sweep_csv, index=False)
+    if args.plot:
+        plot(table, args.plot)
+    print(table.to_string(index=False))
     return 0
+
+
+def _sweep_row(m: dict, args) -> dict:
+    run = m["run"]
+    floor = m["products"] * args.product_seconds
+    return {
+        "clients": m["clients"],
+        "servers": m["servers"],
+        "seconds": round(run["seconds"], 2),
+        "server_linkage_s": round(run["server_phases"].get("linkage", 0.0), 2),
+        "MB_up": round(run["report"]["bytes_sent"] / 1e6, 1),
+        "MB_down": round(run["report"]["bytes_received"] / 1e6, 1),
+        "server_MiB": round(run["server_peak"] / 2**20),
+        "client_MiB": round(run["client_peak"] / 2**20),
+        "products": m["products"],
+        "ratio_to_floor": round(_ratio(run, floor), 2),
+        "f1": round(m["quality"]["f1"], 4),
+        "agree": round(m["matched_agree"], 4),
+        "plain_s": round(m["plain_seconds"], 2),
+        "encrypted_over_plain": round(run["seconds"] / m["plain_seconds"], 1),
+    }
+
+
+def _format_row(row: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in row.items())
+
+
+def plot(table: pd.DataFrame, path: str) -> None:
+    """Log-log seconds against total records, encrypted and plain numpy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    total = table["clients"] + table["servers"]
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.loglog(total, table["seconds"], "o-", label="encrypted, end to end")
+    axes.loglog(total, table["plain_s"], "s--", label="plaintext rule (numpy)")
+    for x, y, c, s in zip(total, table["seconds"], table["clients"], table["servers"]):
+        axes.annotate(
+            f"{c:,} x {s:,}",
+            (x, y),
+            fontsize=7,
+            xytext=(4, -10),
+            textcoords="offset points",
+        )
+    axes.set_xlabel("client + server records")
+    axes.set_ylabel("seconds")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
