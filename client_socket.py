@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from protocol.cli import defaults_beside_script
+from protocol.cli import add_input_flags, defaults_beside_script
 from protocol.client import ClientResult, QueryRefused, make_query, run_client
 from protocol.framing import ProtocolError
 from protocol.he import DEFAULT_PARAMETERS
@@ -43,21 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--port", type=int, default=5050, metavar="PORT", help="server port"
     )
-    parser.add_argument(
-        "--data", default="data/client.csv", metavar="CSV", help="the client's records"
-    )
-    parser.add_argument(
-        "--spec",
-        default="data/spec_default.json",
-        metavar="JSON",
-        help="linkage specification (must equal the server's)",
-    )
-    parser.add_argument(
-        "--columns",
-        default="",
-        metavar="FIELD=COL[,...]",
-        help="CSV column of each specification field, where the names differ",
-    )
+    add_input_flags(parser, "data/client.csv", "client's", "server")
     parser.add_argument(
         "--group-by",
         default="state",

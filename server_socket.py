@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 
-from protocol.cli import defaults_beside_script
+from protocol.cli import add_input_flags, defaults_beside_script
 from protocol.framing import ConnectionClosed, ProtocolError
 from protocol.handshake import Refused, ServerPolicy
 from protocol.messages import Channel, PeerError
@@ -43,21 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="PORT",
         help="TCP port (0 picks a free one and prints it)",
     )
-    parser.add_argument(
-        "--data", default="data/server.csv", metavar="CSV", help="the server's records"
-    )
-    parser.add_argument(
-        "--spec",
-        default="data/spec_default.json",
-        metavar="JSON",
-        help="linkage specification (must equal the client's)",
-    )
-    parser.add_argument(
-        "--columns",
-        default="",
-        metavar="FIELD=COL[,...]",
-        help="CSV column of each specification field, where the names differ",
-    )
+    add_input_flags(parser, "data/server.csv", "server's", "client")
     parser.add_argument(
         "--group-columns",
         default="state",
