@@ -162,28 +162,34 @@ class _ScoreReader(threading.Thread):
 
 def _send_selection(channel, keys, candidates, slots, offer, progress) -> np.ndarray:
     """Encrypt the links of the rule's step 2 (first pass with any candidate)."""
-    rows = len(slots[0])
-    matched = np.zeros(rows, dtype=bool)
-    chosen = []
-    for found in candidates:
-        keep = {r: hits for r, hits in found.items() if not matched[r]}
-        matched[list(keep)] = True
-        chosen.append(keep)
+    matched = np.zeros(len(slots[0]), dtype=bool)
     total = sum(sum(c) for c in offer.positions)
     with tqdm(
         total=total, desc="client: encrypt selection", unit="ct", disable=not progress
     ) as bar:
-        for keep, slot, counts in zip(chosen, slots, offer.positions):
+        for found, slot, counts in zip(candidates, slots, offer.positions):
+            by_group = _links_by_group(found, slot, matched)
             for g, depth in enumerate(counts):
                 selection = np.zeros((depth, SLOTS))
-                for r, hits in keep.items():
-                    for hg, q in hits:
-                        if hg == g:
-                            selection[q, slot[r] - g * SLOTS] = 1.0
+                for q, local in by_group.get(g, []):
+                    selection[q, local] = 1.0
                 for q in range(depth):
                     channel.send(Msg.SELECTION_CT, keys.encrypt_to_bytes(selection[q]))
                     bar.update()
     return matched
+
+
+def _links_by_group(found, slot, matched: np.ndarray) -> dict[int, list]:
+    """This pass's links of rows not linked in an earlier pass, as
+    group -> [(position, slot in group)]; marks those rows matched."""
+    by_group: dict[int, list] = {}
+    for row, hits in found.items():
+        if matched[row]:
+            continue
+        matched[row] = True
+        for g, q in hits:
+            by_group.setdefault(g, []).append((q, slot[row] - g * SLOTS))
+    return by_group
 
 
 def _size_check_and_table(channel, keys, offer: ServerOffer):
