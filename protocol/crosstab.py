@@ -93,12 +93,7 @@ def add_selection(
 def _accumulate(
     ckks: Ckks, into: list, cell: int, selection: sa.Ciphertext, values: np.ndarray
 ) -> None:
-    product = sa.Ciphertext()
-    ckks.evaluator.multiply_plain(selection, ckks.encode(values), product)
-    if into[cell] is None:
-        into[cell] = product
-    else:
-        ckks.evaluator.add_inplace(into[cell], product)
+    into[cell] = ckks.multiply_add(into[cell], selection, ckks.encode(values))
 
 
 def finish_totals(ckks: Ckks, acc: CellAccumulator, galois: sa.GaloisKeys) -> None:

@@ -169,6 +169,17 @@ class Ckks:
             self.evaluator.rotate_vector(ciphertext, step, galois, rotated)
             self.evaluator.add_inplace(ciphertext, rotated)
 
+    def multiply_add(
+        self, acc: sa.Ciphertext | None, ciphertext: sa.Ciphertext, plain: sa.Plaintext
+    ) -> sa.Ciphertext:
+        """acc + ciphertext * plain, left unrescaled; a new sum when acc is None."""
+        product = sa.Ciphertext()
+        self.evaluator.multiply_plain(ciphertext, plain, product)
+        if acc is None:
+            return product
+        self.evaluator.add_inplace(acc, product)
+        return acc
+
     def add_conjugate(self, ciphertext: sa.Ciphertext, galois: sa.GaloisKeys) -> None:
         """z + conj(z) in every slot: twice the real part, the imaginary part gone."""
         conjugate = sa.Ciphertext()

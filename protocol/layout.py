@@ -136,10 +136,15 @@ def server_plain_matrix(vectors: np.ndarray, positions: np.ndarray) -> np.ndarra
     return out
 
 
-def server_value_row(values: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """Per-slot value of the server record at each slot of one position row."""
-    out = values[np.maximum(positions, 0)].astype(np.float64)
-    out[positions < 0] = 0.0
+def server_value_row(
+    values: np.ndarray, positions: np.ndarray, fill: float = 0.0
+) -> np.ndarray:
+    """Per-slot value of the server record at each slot of one position row.
+
+    Slots with no record (-1) get ``fill``; the dtype of ``values`` is kept.
+    """
+    out = values[np.maximum(positions, 0)]
+    out[positions < 0] = fill
     return out
 
 

@@ -60,15 +60,9 @@ def score_position(
     """
     factors = log_uniform_factors(SLOTS, *SCORE_FACTOR_EXPONENTS)
     paired = pair_rows(plains).conj() * factors
-    evaluator, acc, product = ckks.evaluator, None, sa.Ciphertext()
+    evaluator, acc = ckks.evaluator, None
     for j in np.flatnonzero(np.any(paired != 0, axis=1)):
-        plain = ckks.encode(paired[j])
-        if acc is None:
-            acc = sa.Ciphertext()
-            evaluator.multiply_plain(queries[j], plain, acc)
-        else:
-            evaluator.multiply_plain(queries[j], plain, product)
-            evaluator.add_inplace(acc, product)
+        acc = ckks.multiply_add(acc, queries[j], ckks.encode(paired[j]))
     if acc is None:
         # No server record at this position has a non-zero vector: every score is 0.
         acc = public.encrypt_zero(queries[0])

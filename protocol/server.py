@@ -20,7 +20,7 @@ from . import crosstab, threshold
 from .executor import WorkerSetup, open_pool, submit_group
 from .handshake import ServerPolicy, check_client_hello, server_hello
 from .he import TOP, Ckks, PublicKeyHolder
-from .layout import PassShape, query_count, server_positions
+from .layout import PassShape, query_count, server_positions, server_value_row
 from .messages import Channel, Msg
 from .records import linkage_columns, numeric_column, read_csv, require_column
 from .reference import PreparedRecords, pass_shapes, prepare
@@ -183,8 +183,8 @@ def _aggregate(channel, ckks, public, data, layout, shape, query) -> str:
                 selection = ckks.load_ciphertext_untrusted(
                     channel.recv(Msg.SELECTION_CT), TOP, ckks.scale
                 )
-                cells_here = np.where(row >= 0, cell[np.maximum(row, 0)], -1)
-                values_here = np.where(row >= 0, values[np.maximum(row, 0)], np.nan)
+                cells_here = server_value_row(cell, row, fill=-1)
+                values_here = server_value_row(values, row, fill=np.nan)
                 crosstab.add_selection(
                     ckks, acc, selection, cells_here, values_here, scales.count_scale
                 )
