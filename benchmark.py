@@ -376,15 +376,17 @@ def _ratio(run: dict, floor: float) -> float:
 
 
 def product_seconds() -> float:
-    """Median seconds of one multiply_plain here (plaintext encoded beforehand)."""
-    from protocol.he import Ckks, SecretKeyHolder, TOP
+    """Median seconds of one linkage multiply_plain here (plaintext encoded before)."""
+    from protocol.he import Ckks, SecretKeyHolder
+    from protocol.linkage import PLAIN_SCALE, QUERY_LEVEL, QUERY_SCALE, load_query
 
     ckks = Ckks()
     keys = SecretKeyHolder(ckks, galois_elements=[])
     rng = np.random.default_rng(0)
     row = rng.normal(size=ckks.slots) + 1j * rng.normal(size=ckks.slots)
-    query = ckks.load_ciphertext_untrusted(keys.encrypt_to_bytes(row), TOP, ckks.scale)
-    plain, timings, product = ckks.encode(row.conj()), [], sa_ciphertext()
+    query = load_query(ckks, keys.encrypt_to_bytes(row, QUERY_LEVEL, QUERY_SCALE))
+    plain = ckks.encode(row.conj(), QUERY_LEVEL, PLAIN_SCALE)
+    timings, product = [], sa_ciphertext()
     for _ in range(200):
         started = time.perf_counter()
         ckks.evaluator.multiply_plain(query, plain, product)

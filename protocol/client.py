@@ -99,7 +99,12 @@ def _linkage(channel, keys, spec, shapes, offer, records, progress):
             for slot, counts in zip(slots, offer.positions):
                 for g in range(len(counts)):
                     for row in pair_rows(client_group_matrix(records.vectors, slot, g)):
-                        channel.send(Msg.QUERY_CT, keys.encrypt_to_bytes(row))
+                        channel.send(
+                            Msg.QUERY_CT,
+                            keys.encrypt_to_bytes(
+                                row, linkage.QUERY_LEVEL, linkage.QUERY_SCALE
+                            ),
+                        )
                     bar.update()
     except OSError:
         reader.join()
@@ -142,14 +147,11 @@ class _ScoreReader(threading.Thread):
 
     def _one_pass(self, slot, counts) -> dict[int, list[tuple[int, int]]]:
         found: dict[int, list[tuple[int, int]]] = {}
-        final = self.keys.ckks.final_scale()
         for g, depth in enumerate(counts):
             owner = linkage.slot_owners(slot, g)
             for q in range(depth):
                 blob = self.channel.recv(Msg.SCORE_CT)
-                values = self.keys.decrypt(
-                    self.keys.ckks.load_ciphertext_untrusted(blob, LAST, final)
-                )
+                values = self.keys.decrypt(linkage.load_score(self.keys.ckks, blob))
                 for r in linkage.decide(values, owner):
                     found.setdefault(int(r), []).append((g, q))
                 self.bar.update()

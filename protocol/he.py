@@ -45,7 +45,8 @@ class Parameters:
 # 128-bit security per the HE standard (homomorphicencryption.org, 2018): at
 # N = 8192 the total modulus may be 218 bits; ours is 160. One level is all the
 # protocol needs: every blinding factor and mask is folded into the plaintext
-# of the one product, and sums of slots use rotations, which use no level.
+# of the one product, and sums of slots use rotations, which use no level. The
+# linkage does without even that one (see linkage.py) and works at the last.
 PARAMETER_SETS = {
     "ckks-8192-60-40-60": Parameters(8192, (60, 40, 60), 40),
 }
@@ -278,13 +279,15 @@ class SecretKeyHolder:
         """(public key, Galois keys): the only key material that may be sent."""
         return self.ckks.to_bytes(self.public_key), self.ckks.to_bytes(self.galois_keys)
 
-    def encrypt_to_bytes(self, values) -> bytes:
+    def encrypt_to_bytes(
+        self, values, level: int = TOP, scale: float | None = None
+    ) -> bytes:
         """Symmetric encryption, serialised with SEAL's seed compression.
 
         Under the secret key the random half of a ciphertext is replaced by
         the seed that generated it, which halves what crosses the wire.
         """
-        plain = self.ckks.encode(values)
+        plain = self.ckks.encode(values, level, scale)
         return self.ckks.to_bytes(self._encryptor.encrypt_symmetric(plain))
 
     def decrypt(self, ciphertext: sa.Ciphertext) -> np.ndarray:

@@ -14,6 +14,10 @@ client record is in, and every bucket looks full.
   0, 1, ...; group g has Q_g positions, the size of its largest bucket. For
   position q and dimension k the server's plaintext holds, in every slot of
   bucket b, component k of the q-th record of b (zero if b has fewer).
+  With a depth D (see :func:`server_depth`) every group has exactly D
+  positions, and a server record beyond the D-th of its bucket, in file order,
+  sits the pass out: the mirror of the client's rule. Then the work of a pass
+  no longer follows its most common key, and Q_g tells the client only D.
 
 Then sum over k of ciphertext(g, k) * plaintext(g, q, k) holds, in slot s, the
 score of the client record in s against the q-th server record of its own
@@ -89,37 +93,55 @@ def client_group_matrix(
     return out
 
 
+def server_depth(keyed_records: int, buckets: int, factor: float) -> int:
+    """Positions per group: ``factor`` times the mean bucket depth, plus 2.
+
+    The mean is taken over the server's count of records with a key in this
+    pass rounded up to a multiple of 1024, so that the depth, which the client
+    sees, says no more about the server's size than the client's padded count
+    says about the client's. The 2 keeps shallow buckets from being cut by
+    chance.
+    """
+    return math.ceil(factor * padded_count(keyed_records) / buckets) + 2
+
+
 def server_positions(
-    bucket_of: np.ndarray, shape: PassShape, shuffle: bool = True
+    bucket_of: np.ndarray,
+    shape: PassShape,
+    depth: int | None = None,
+    shuffle: bool = True,
 ) -> list[np.ndarray]:
     """For each group, a (Q_g, SLOTS) array of server record indices, -1 = none.
 
-    Members of each bucket are shuffled with a cryptographic source, so a
-    position names no server record outside this session.
+    Q_g is ``depth`` if given (members beyond it sit out, see
+    :func:`bucket_members`), else the group's largest bucket. Members of each
+    bucket are shuffled with a cryptographic source, so a position names no
+    server record outside this session.
     """
-    members = _bucket_members(bucket_of, shape.buckets, shuffle)
+    members = bucket_members(bucket_of, shape.buckets, depth)
+    if shuffle:
+        for rows in members:
+            _secure_shuffle(rows)
     groups = []
     for g in range(shape.groups):
         first = g * shape.buckets_per_group
         own = members[first : first + shape.buckets_per_group]
-        depth = max((len(m) for m in own), default=0)
-        table = np.full((depth, len(own)), -1, dtype=np.int64)
+        rows_here = depth if depth is not None else max(map(len, own), default=0)
+        table = np.full((rows_here, len(own)), -1, dtype=np.int64)
         for b, rows in enumerate(own):
             table[: len(rows), b] = rows
         groups.append(np.repeat(table, shape.slots_per_bucket, axis=1))
     return groups
 
 
-def _bucket_members(
-    bucket_of: np.ndarray, buckets: int, shuffle: bool
+def bucket_members(
+    bucket_of: np.ndarray, buckets: int, depth: int | None = None
 ) -> list[list[int]]:
+    """Server rows of every bucket in file order, the first ``depth`` of each."""
     members: list[list[int]] = [[] for _ in range(buckets)]
     for row, bucket in enumerate(bucket_of):
-        if bucket >= 0:
+        if bucket >= 0 and (depth is None or len(members[bucket]) < depth):
             members[bucket].append(row)
-    if shuffle:
-        for rows in members:
-            _secure_shuffle(rows)
     return members
 
 

@@ -4,8 +4,9 @@ The same encoding, blocking, slot capacity and threshold as the encrypted run,
 so that the two can be compared decision by decision. The rule:
 
 1. In each pass, a client record with a slot is compared with every server
-   record in its bucket; a pair is a candidate when its score passes the
-   threshold (inclusive or not, as the specification says).
+   record in its bucket (the first D of them, in file order, when the
+   specification sets a server depth); a pair is a candidate when its score
+   passes the threshold (inclusive or not, as the specification says).
 2. A client record links to all of its candidates in the first pass, in
    specification order, in which it has any; later passes are not used for it,
    so that one pair found by two passes counts once.
@@ -18,7 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .encoding import bucket_ids, encode_records, key_strings
-from .layout import PassShape, bucket_count, client_slots, padded_count
+from .layout import (
+    PassShape,
+    bucket_count,
+    bucket_members,
+    client_slots,
+    padded_count,
+    server_depth,
+)
 from .spec import LinkageSpec
 
 
@@ -57,30 +65,39 @@ def pass_shapes(spec: LinkageSpec, size_class: int) -> list[PassShape]:
     ]
 
 
+def server_depths(
+    spec: LinkageSpec, server_buckets: list[np.ndarray], shapes: list[PassShape]
+) -> list[int | None]:
+    """Positions per group of each pass (None: the deepest bucket of each group)."""
+    if spec.depth_factor is None:
+        return [None] * len(shapes)
+    return [
+        server_depth(int(np.count_nonzero(b >= 0)), shape.buckets, spec.depth_factor)
+        for b, shape in zip(server_buckets, shapes)
+    ]
+
+
 def reference_candidates(
     spec: LinkageSpec, client: PreparedRecords, server: PreparedRecords
 ) -> list[dict[int, list[int]]]:
     """Per pass: client row -> server rows whose score passes the threshold."""
     shapes = pass_shapes(spec, padded_count(len(client)))
+    server_buckets = server.buckets(spec, shapes)
     found = []
-    for shape, c_bucket, s_bucket in zip(
-        shapes, client.buckets(spec, shapes), server.buckets(spec, shapes)
+    for shape, c_bucket, s_bucket, depth in zip(
+        shapes,
+        client.buckets(spec, shapes),
+        server_buckets,
+        server_depths(spec, server_buckets, shapes),
     ):
         slot = client_slots(c_bucket, shape)
-        members = _members(s_bucket)
+        members = {
+            b: np.array(rows)
+            for b, rows in enumerate(bucket_members(s_bucket, shape.buckets, depth))
+            if rows
+        }
         found.append(_pass_candidates(spec, client, server, c_bucket, slot, members))
     return found
-
-
-def _members(bucket_of: np.ndarray) -> dict[int, np.ndarray]:
-    order = np.argsort(bucket_of, kind="stable")
-    sorted_buckets = bucket_of[order]
-    edges = np.flatnonzero(np.diff(sorted_buckets)) + 1
-    return {
-        int(b[0]): rows
-        for b, rows in zip(np.split(sorted_buckets, edges), np.split(order, edges))
-        if len(b) and b[0] >= 0
-    }
 
 
 def _pass_candidates(

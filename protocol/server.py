@@ -16,14 +16,14 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from . import crosstab, threshold
+from . import crosstab, linkage, threshold
 from .executor import WorkerSetup, open_pool, submit_group
 from .handshake import ServerPolicy, check_client_hello, server_hello
 from .he import TOP, Ckks, PublicKeyHolder
 from .layout import PassShape, query_count, server_positions, server_value_row
 from .messages import Channel, Msg
 from .records import linkage_columns, numeric_column, read_csv, require_column
-from .reference import PreparedRecords, pass_shapes, prepare
+from .reference import PreparedRecords, pass_shapes, prepare, server_depths
 from .spec import LinkageSpec
 from .table import cell_of_records, table_shape, value_scale
 
@@ -68,7 +68,11 @@ class Layout:
 def session_layout(data: ServerData, size_class: int) -> Layout:
     shapes = pass_shapes(data.spec, size_class)
     buckets = data.records.buckets(data.spec, shapes)
-    return Layout(shapes, [server_positions(b, s) for b, s in zip(buckets, shapes)])
+    depths = server_depths(data.spec, buckets, shapes)
+    return Layout(
+        shapes,
+        [server_positions(b, s, d) for b, s, d in zip(buckets, shapes, depths)],
+    )
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,7 @@ def _receive_queries(channel: Channel, ckks: Ckks, dims: int) -> list[bytes]:
     """One group's query ciphertexts, each checked before a worker sees it."""
     queries = [channel.recv(Msg.QUERY_CT) for _ in range(dims)]
     for blob in queries:
-        ckks.load_ciphertext_untrusted(blob, TOP, ckks.scale)
+        linkage.load_query(ckks, blob)
     return queries
 
 

@@ -67,6 +67,9 @@ class LinkageSpec:
     passes: tuple[BlockingPass, ...]
     capacity_factor: float
     raw: Mapping[str, Any]
+    # Positions per group as a multiple of the mean server bucket depth
+    # (layout.server_depth); None: as deep as the deepest bucket of the group.
+    depth_factor: float | None = None
 
     @property
     def dims(self) -> int:
@@ -129,6 +132,11 @@ def spec_from_obj(obj: Any) -> LinkageSpec:
         passes=passes,
         capacity_factor=_number(obj, "capacity_factor", 1.0, 16.0),
         raw=obj,
+        depth_factor=(
+            _number(obj, "server_depth_factor", 1.0, 64.0)
+            if "server_depth_factor" in obj
+            else None
+        ),
     )
     # Empty slots and positions score exactly 0: a threshold of 0 would match them.
     _require(spec.threshold > 0.0, "'threshold' must be above 0")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tenseal.sealapi as sa
 
+from protocol import linkage
 from protocol.he import LAST, TOP, Ckks, PublicKeyHolder, SecretKeyHolder
 
 
@@ -48,6 +49,18 @@ def encrypt(
     def run(values: np.ndarray) -> sa.Ciphertext:
         data = secret.encrypt_to_bytes(values)
         return ckks.load_ciphertext_untrusted(data, TOP, ckks.scale)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def decrypt_score(
+    ckks: Ckks, secret: SecretKeyHolder
+) -> Callable[[sa.Ciphertext], np.ndarray]:
+    """What the client reads from a linkage reply: bytes, checked as a score, decrypt."""
+
+    def run(ciphertext: sa.Ciphertext) -> np.ndarray:
+        return secret.decrypt(linkage.load_score(ckks, ckks.to_bytes(ciphertext)))
 
     return run
 

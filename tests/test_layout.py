@@ -13,6 +13,7 @@ from protocol.layout import (
     client_group_matrix,
     client_slots,
     padded_count,
+    server_depth,
     server_plain_matrix,
     server_positions,
     server_value_row,
@@ -138,7 +139,7 @@ def test_every_server_record_appears_once_in_its_own_bucket(
     buckets = crowded_buckets(rng, 400)
 
     seen: list[int] = []
-    for group, table in enumerate(server_positions(buckets, SHAPE, shuffle)):
+    for group, table in enumerate(server_positions(buckets, SHAPE, shuffle=shuffle)):
         assert table.shape[1] == SLOTS
         for first in range(0, SLOTS, P):
             block = table[:, first : first + P]
@@ -177,6 +178,39 @@ def test_unshuffled_positions_keep_file_order() -> None:
 
     assert table[:, 4 * P].tolist() == [0, 2, 4]
     assert table[:, 9 * P].tolist() == [3, -1, -1]
+
+
+def test_with_a_depth_every_group_has_exactly_that_many_positions() -> None:
+    # Bucket 4 (group 0) holds five records, bucket 600 (group 1) one.
+    buckets = np.array([4, 600, 4, 4, -1, 4, 4])
+
+    tables = server_positions(buckets, SHAPE, depth=3, shuffle=False)
+
+    assert [t.shape for t in tables] == [(3, SLOTS), (3, SLOTS)]
+    assert tables[0][:, 4 * P].tolist() == [0, 2, 3]  # the first three in file order
+    assert tables[1][:, 600 * P - SLOTS].tolist() == [1, -1, -1]
+    assert np.count_nonzero(tables[0] >= 0) == 3 * P
+
+
+@pytest.mark.parametrize(
+    ("keyed", "buckets", "factor", "expected"),
+    [
+        (5000, 1024, 1.5, 10),  # 5120 / 1024 = 5 per bucket, times 1.5, plus 2
+        (5120, 1024, 1.5, 10),
+        (1, 256, 1.0, 6),  # rounded up to 1024 records
+        (1_000_000, 2048, 1.5, 735),  # 1000448 / 2048 = 488.5
+    ],
+)
+def test_server_depth_is_the_factor_times_the_padded_mean_plus_two(
+    keyed: int, buckets: int, factor: float, expected: int
+) -> None:
+    assert server_depth(keyed, buckets, factor) == expected
+
+
+def test_server_depth_says_no_more_than_the_padded_count() -> None:
+    depths = {server_depth(n, 1024, 1.5) for n in range(4097, 5121)}
+
+    assert depths == {server_depth(5120, 1024, 1.5)}
 
 
 def _bucket_sets(tables: list[np.ndarray]) -> list[set[int]]:

@@ -23,8 +23,6 @@ from protocol.executor import submit_group
 from protocol.blinding import log_uniform_factors, random_signs, small_noise
 from protocol.framing import ProtocolError
 from protocol.he import (
-    LAST,
-    TOP,
     Ckks,
     PublicKeyHolder,
     SecretKeyHolder,
@@ -51,6 +49,11 @@ IMAG_TOLERANCE = 1e-4
 SCORE_TOLERANCE = 1e-4
 
 Decrypt = Callable[[sa.Ciphertext], np.ndarray]
+
+
+def query_bytes_of(secret: SecretKeyHolder, row: np.ndarray) -> bytes:
+    """A client's query ciphertext, as it crosses the wire."""
+    return secret.encrypt_to_bytes(row, linkage.QUERY_LEVEL, linkage.QUERY_SCALE)
 
 
 def unit_rows(rng: np.random.Generator, count: int) -> np.ndarray:
@@ -90,8 +93,8 @@ def scenario(ckks: Ckks, secret: SecretKeyHolder) -> Scenario:
     slot = client_slots(client_bucket, SHAPE)
     (positions,) = server_positions(server_bucket, SHAPE)
     matrix = client_group_matrix(client, slot, 0)
-    query_bytes = [secret.encrypt_to_bytes(row) for row in pair_rows(matrix)]
-    queries = [ckks.load_ciphertext_untrusted(b, TOP, ckks.scale) for b in query_bytes]
+    query_bytes = [query_bytes_of(secret, row) for row in pair_rows(matrix)]
+    queries = [linkage.load_query(ckks, b) for b in query_bytes]
     owner = linkage.slot_owners(slot, 0)
     return Scenario(client, server, slot, positions, owner, matrix, query_bytes,
                     queries)
@@ -99,7 +102,7 @@ def scenario(ckks: Ckks, secret: SecretKeyHolder) -> Scenario:
 
 @pytest.fixture(scope="module")
 def decrypted(
-    ckks: Ckks, public: PublicKeyHolder, scenario: Scenario, decrypt_reply: Decrypt,
+    ckks: Ckks, public: PublicKeyHolder, scenario: Scenario, decrypt_score: Decrypt,
 ) -> list[np.ndarray]:
     """The client's (complex) decryption of every position's score ciphertext."""
     out = []
@@ -108,7 +111,7 @@ def decrypted(
         reply = linkage.score_position(
             ckks, public, scenario.queries, plains, THRESHOLD
         )
-        out.append(decrypt_reply(reply))
+        out.append(decrypt_score(reply))
     return out
 
 
@@ -263,13 +266,10 @@ def test_product_without_the_conjugate_carries_large_cross_terms(
     # what score_position must not let through; with it, only 2 * score is left.
     plains = server_plain_matrix(scenario.server, scenario.positions[0])
     paired = pair_rows(plains).conj()
-    acc, product = sa.Ciphertext(), sa.Ciphertext()
-    ckks.evaluator.multiply_plain(scenario.queries[0], ckks.encode(paired[0]), acc)
-    for j in range(1, len(paired)):
-        ckks.evaluator.multiply_plain(scenario.queries[j], ckks.encode(paired[j]),
-                                      product)
-        ckks.evaluator.add_inplace(acc, product)
-    ckks.evaluator.rescale_to_next_inplace(acc)
+    acc = None
+    for j in range(len(paired)):
+        plain = ckks.encode(paired[j], linkage.QUERY_LEVEL, linkage.PLAIN_SCALE)
+        acc = ckks.multiply_add(acc, scenario.queries[j], plain)
     m = scenario.matrix
     cross = np.sum(m[1::2] * plains[0::2] - m[0::2] * plains[1::2], axis=0)
     score = np.sum(m * plains, axis=0)
@@ -312,11 +312,11 @@ def test_blinding_factor_is_not_constant_across_slots(
 
 
 def test_blinding_factors_are_fresh_for_each_ciphertext(
-    ckks: Ckks, public: PublicKeyHolder, scenario: Scenario, decrypt_reply: Decrypt,
+    ckks: Ckks, public: PublicKeyHolder, scenario: Scenario, decrypt_score: Decrypt,
 ) -> None:
     plains = server_plain_matrix(scenario.server, scenario.positions[0])
     first, second = (
-        decrypt_reply(linkage.score_position(ckks, public, scenario.queries, plains,
+        decrypt_score(linkage.score_position(ckks, public, scenario.queries, plains,
                                              THRESHOLD)).real
         for _ in range(2)
     )
@@ -328,14 +328,14 @@ def test_blinding_factors_are_fresh_for_each_ciphertext(
 
 @pytest.mark.parametrize("factor", [2.0**LOW, 1.0, 2.0**HIGH * (1 - 1e-9)])
 def test_reply_is_twice_the_factor_times_score_minus_threshold(
-    ckks: Ckks, public: PublicKeyHolder, scenario: Scenario, decrypt_reply: Decrypt,
+    ckks: Ckks, public: PublicKeyHolder, scenario: Scenario, decrypt_score: Decrypt,
     fixed_factor: Callable[[float], list], factor: float,
 ) -> None:
     asked = fixed_factor(factor)
     plains = server_plain_matrix(scenario.server, scenario.positions[0])
 
     reply = linkage.score_position(ckks, public, scenario.queries, plains, THRESHOLD)
-    values = decrypt_reply(reply)
+    values = decrypt_score(reply)
 
     expected = 2 * factor * (scenario.scores(0) - THRESHOLD)
     assert asked == [(SLOTS, LOW, HIGH)]
@@ -345,16 +345,15 @@ def test_reply_is_twice_the_factor_times_score_minus_threshold(
 
 def test_odd_dimension_count_pads_the_last_query_and_still_scores_exactly(
     ckks: Ckks, public: PublicKeyHolder, secret: SecretKeyHolder, scenario: Scenario,
-    decrypt_reply: Decrypt, fixed_factor: Callable[[float], list],
+    decrypt_score: Decrypt, fixed_factor: Callable[[float], list],
 ) -> None:
     fixed_factor(1.0)
     client = scenario.matrix[:15]
     server = server_plain_matrix(scenario.server[:, :15], scenario.positions[0])
-    queries = [ckks.load_ciphertext_untrusted(secret.encrypt_to_bytes(r), TOP,
-                                              ckks.scale)
+    queries = [linkage.load_query(ckks, query_bytes_of(secret, r))
                for r in pair_rows(client)]
 
-    values = decrypt_reply(linkage.score_position(ckks, public, queries, server,
+    values = decrypt_score(linkage.score_position(ckks, public, queries, server,
                                                   THRESHOLD))
 
     assert len(queries) == query_count(15) == 8
@@ -373,12 +372,12 @@ def test_slots_without_a_client_record_decrypt_negative(
 
 
 def test_position_with_only_zero_server_vectors_gives_a_last_level_negative_reply(
-    ckks: Ckks, public: PublicKeyHolder, scenario: Scenario, decrypt_reply: Decrypt,
+    ckks: Ckks, public: PublicKeyHolder, scenario: Scenario, decrypt_score: Decrypt,
 ) -> None:
     plains = np.zeros((DIMS, SLOTS))
 
     reply = linkage.score_position(ckks, public, scenario.queries, plains, THRESHOLD)
-    values = decrypt_reply(reply)  # refused unless LAST at the final scale
+    values = decrypt_score(reply)  # refused unless at the score level and scale
 
     assert np.all(values.real < 0.0)
     assert np.all(-values.real >= 2 * THRESHOLD * 2.0**LOW * (1 - 1e-3))
@@ -460,8 +459,7 @@ def expect_signs(ckks: Ckks, secret: SecretKeyHolder, scenario: Scenario,
                  replies: list[bytes]) -> None:
     """Every reply is a LAST-level ciphertext with the signs of its position."""
     for q, data in enumerate(replies):
-        loaded = ckks.load_ciphertext_untrusted(data, LAST, ckks.final_scale())
-        values = secret.decrypt(loaded)
+        values = secret.decrypt(linkage.load_score(ckks, data))
         keep = occupied_and_clear(scenario, q)
         expected = np.sign(scenario.scores(q)[keep] - THRESHOLD)
         assert np.array_equal(np.sign(values[keep].real), expected), q

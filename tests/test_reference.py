@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from protocol.layout import padded_count
+from protocol.layout import bucket_members, padded_count
 from protocol.reference import (
     PreparedRecords,
     first_pass_links,
@@ -18,6 +18,7 @@ from protocol.reference import (
     prepare,
     reference_candidates,
     reference_links,
+    server_depths,
 )
 from protocol.spec import LinkageSpec, load_spec, spec_from_obj
 
@@ -115,20 +116,25 @@ def test_candidates_miss_no_pair_above_threshold_in_a_shared_bucket(
     candidates = reference_candidates(spec, client, server)
 
     c_buckets, s_buckets = client.buckets(spec, shapes), server.buckets(spec, shapes)
+    depths = server_depths(spec, s_buckets, shapes)
 
-    for per_pass, blocking, c_bucket, s_bucket in zip(
-        candidates, spec.passes, c_buckets, s_buckets
+    for per_pass, blocking, c_bucket, s_bucket, depth, shape in zip(
+        candidates, spec.passes, c_buckets, s_buckets, depths, shapes
     ):
         assert np.bincount(c_bucket[c_bucket >= 0]).max() <= blocking.slots_per_bucket
+        kept = np.zeros(len(s_bucket), dtype=bool)
+        for rows in bucket_members(s_bucket, shape.buckets, depth):
+            kept[rows] = True
         same = (c_bucket[:, None] == s_bucket[None, :]) & (c_bucket[:, None] >= 0)
-        passing = same & (scores >= spec.threshold)
+        passing = same & kept[None, :] & (scores >= spec.threshold)
         want = {(int(c), int(s)) for c, s in zip(*np.nonzero(passing))}
         got = {(c, s) for c, hits in per_pass.items() for s in hits}
         assert got == want
 
 
 def _one_field_spec(
-    slots_per_bucket: int, threshold: float, inclusive: bool, dims: int = 64
+    slots_per_bucket: int, threshold: float, inclusive: bool, dims: int = 64,
+    **extra: float,
 ) -> LinkageSpec:
     return spec_from_obj({
         "version": 1, "name": "one-field", "qgram": 2,
@@ -136,7 +142,29 @@ def _one_field_spec(
         "threshold": threshold, "inclusive": inclusive, "capacity_factor": 1.0,
         "blocking": [{"name": "exact", "slots_per_bucket": slots_per_bucket,
                       "key": [{"field": "surname", "transform": "exact"}]}],
+        **extra,
     })
+
+
+def test_server_record_beyond_the_depth_in_file_order_finds_nothing() -> None:
+    # 1024 keyed records rounded up to 1024, 256 buckets: mean 4, depth 1 * 4 + 2.
+    spec = _one_field_spec(16, threshold=0.9, inclusive=True, server_depth_factor=1.0)
+    strangers = [f"x{i:04d}" for i in range(1024 - 8)]
+    server = prepare({"surname": ["neumann"] * 8 + strangers}, spec)
+    client = prepare({"surname": ["neumann"]}, spec)
+    (shape,) = pass_shapes(spec, padded_count(1))
+
+    assert server_depths(spec, server.buckets(spec, [shape]), [shape]) == [6]
+    assert reference_candidates(spec, client, server) == [{0: [0, 1, 2, 3, 4, 5]}]
+
+
+def test_without_a_depth_factor_every_server_record_of_the_bucket_is_compared() -> None:
+    spec = _one_field_spec(16, threshold=0.9, inclusive=True)
+    server = prepare({"surname": ["neumann"] * 8}, spec)
+    client = prepare({"surname": ["neumann"]}, spec)
+
+    assert spec.depth_factor is None
+    assert reference_candidates(spec, client, server) == [{0: list(range(8))}]
 
 
 def test_client_record_beyond_the_bucket_capacity_finds_nothing() -> None:
