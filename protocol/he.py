@@ -145,9 +145,12 @@ class Ckks:
         """Encode real or complex slot values (a list converts faster than an array)."""
         plain = sa.Plaintext()
         values = np.asarray(values)
-        kind = complex if np.iscomplexobj(values) else float
+        kind = np.complex128 if np.iscomplexobj(values) else np.float64
         self.encoder.encode(
-            values.astype(kind).tolist(), self.levels[level], scale or self.scale, plain
+            values.astype(kind, copy=False).tolist(),
+            self.levels[level],
+            scale or self.scale,
+            plain,
         )
         return plain
 
