@@ -22,12 +22,17 @@ imaginary part and learns the average alone (and the count where allowed).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tenseal.sealapi as sa
 
 from .blinding import log_uniform_factors
-from .he import Ckks, PublicKeyHolder
+from .he import TOP, Ckks, PublicKeyHolder
+from .layout import server_value_row
+
+if TYPE_CHECKING:
+    from .executor import Worker
 
 
 @dataclass
@@ -53,6 +58,26 @@ class CellAccumulator:
     @property
     def cells(self) -> int:
         return len(self.rho)
+
+
+@dataclass(frozen=True)
+class TableWork:
+    """What a worker needs to add selections into the cells of one session.
+
+    ``cells`` and ``values`` are per server record (cell -1: in none; value
+    already divided by the value scale, NaN: missing); ``rho`` and ``check``
+    are the session's secret factors per cell.
+    """
+
+    cells: np.ndarray
+    values: np.ndarray
+    count_scale: float
+    rho: np.ndarray
+    check: np.ndarray
+    reveal_counts: bool
+
+    def accumulator(self) -> CellAccumulator:
+        return CellAccumulator(self.rho, self.check, self.reveal_counts)
 
 
 def table_factors(cells: int) -> np.ndarray:
@@ -88,6 +113,60 @@ def add_selection(
             _accumulate(ckks, acc.counts, c, selection, mask / count_scale)
             products += 1
     return products
+
+
+def add_rows(
+    ckks: Ckks,
+    acc: CellAccumulator,
+    work: TableWork,
+    selections: list[sa.Ciphertext],
+    rows: np.ndarray,
+) -> None:
+    """Add each selection times the plaintexts of its position row."""
+    for selection, row in zip(selections, rows):
+        add_selection(
+            ckks,
+            acc,
+            selection,
+            server_value_row(work.cells, row, fill=-1),
+            server_value_row(work.values, row, fill=np.nan),
+            work.count_scale,
+        )
+
+
+def load_selection(ckks: Ckks, data: bytes) -> sa.Ciphertext:
+    """A client's selection ciphertext, checked: fresh, top level, scale 2^40."""
+    return ckks.load_ciphertext_untrusted(data, TOP, ckks.scale)
+
+
+def sum_rows(
+    worker: Worker, selection_bytes: list[bytes], rows: np.ndarray
+) -> list[list[bytes | None]]:
+    """Worker task: partial sums of some positions, as (table, checks, counts)
+    lists of unrescaled ciphertexts per cell (None where a cell has none)."""
+    ckks, work = worker.ckks, worker.setup.table
+    acc = work.accumulator()
+    selections = [load_selection(ckks, b) for b in selection_bytes]
+    add_rows(ckks, acc, work, selections, rows)
+    return [
+        [None if c is None else ckks.to_bytes(c) for c in totals]
+        for totals in (acc.table, acc.checks, acc.counts)
+    ]
+
+
+def merge_partial(
+    ckks: Ckks, acc: CellAccumulator, partial: list[list[bytes | None]]
+) -> None:
+    """Add a worker's partial sums into ``acc`` (the server's own bytes, still
+    checked: top level, the scale of one product)."""
+    for into, part in zip((acc.table, acc.checks, acc.counts), partial):
+        for cell, data in enumerate(part):
+            if data is not None:
+                total = ckks.load_ciphertext_untrusted(data, TOP, ckks.scale**2)
+                if into[cell] is None:
+                    into[cell] = total
+                else:
+                    ckks.evaluator.add_inplace(into[cell], total)
 
 
 def _accumulate(

@@ -1,14 +1,17 @@
 """Where the server's heavy work runs: a local process pool, or a Ray cluster.
 
-Both run the same task, :func:`protocol.linkage.score_rows`, on workers that
-each build the CKKS context and load the client's public keys once per
-session. TenSEAL holds Python's interpreter lock, so threads would not help;
-processes (local) or Ray actors (one per worker, anywhere in the cluster) do.
+Workers each build the CKKS context and load the client's public keys once per
+session (:func:`init_worker`), then run tasks: module-level functions that
+take the worker's state first, :func:`protocol.linkage.score_rows`,
+:func:`protocol.crosstab.sum_rows` and :func:`protocol.threshold.fresh_totals`.
+TenSEAL holds Python's interpreter lock, so threads would not help; processes
+(local) or Ray actors (one per worker, anywhere in the cluster) do.
 
 What scales with the number of workers: the linkage, which is almost all of
 the server's time (one encoded product per server position and pair of
-dimensions). The session's own process still receives the client's
-ciphertexts, checks them and sums the cross-tab.
+dimensions), the cross-tab's products, and the size check's decoys. The
+session's own process still receives the client's ciphertexts, checks them,
+adds the workers' partial sums and sums slots with rotations.
 
 Nothing here unpickles what a peer sent: the workers receive bytes that the
 session process has already checked, plus the server's own arrays.
@@ -17,12 +20,15 @@ session process has already checked, plus the server's own arrays.
 from __future__ import annotations
 
 import multiprocessing
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import linkage
+from . import crosstab, linkage
+from .crosstab import TableWork
+from .he import Ckks, PublicKeyHolder
 
 
 @dataclass(frozen=True)
@@ -34,16 +40,35 @@ class WorkerSetup:
     galois_keys: bytes
     vectors: np.ndarray
     threshold: float
+    table: TableWork | None = None
 
-    def args(self, vectors=None) -> tuple:
-        chosen = self.vectors if vectors is None else vectors
-        return (
-            self.parameters,
-            self.public_key,
-            self.galois_keys,
-            chosen,
-            self.threshold,
-        )
+
+@dataclass
+class Worker:
+    """One worker's state for the session: its context, the client's keys, the data."""
+
+    ckks: Ckks
+    public: PublicKeyHolder
+    setup: WorkerSetup
+
+
+_WORKER: list[Worker] = []
+
+
+def init_worker(setup: WorkerSetup) -> Worker:
+    """Runs once in each worker: build the context, load the client's public keys."""
+    ckks = Ckks(setup.parameters)
+    public = PublicKeyHolder(
+        ckks,
+        ckks.load_public_key_untrusted(setup.public_key),
+        ckks.load_galois_keys_untrusted(setup.galois_keys),
+    )
+    _WORKER[:] = [Worker(ckks, public, setup)]
+    return _WORKER[0]
+
+
+def _run(task: Callable, *args):
+    return task(_WORKER[0], *args)
 
 
 class LocalPool:
@@ -54,12 +79,12 @@ class LocalPool:
         self._pool = ProcessPoolExecutor(
             workers,
             mp_context=multiprocessing.get_context("fork"),
-            initializer=linkage.init_worker,
-            initargs=setup.args(),
+            initializer=init_worker,
+            initargs=(setup,),
         )
 
-    def submit(self, query_bytes: list[bytes], rows: np.ndarray) -> Future:
-        return self._pool.submit(linkage.score_rows, query_bytes, rows)
+    def submit(self, task: Callable, *args) -> Future:
+        return self._pool.submit(_run, task, *args)
 
     def close(self) -> None:
         self._pool.shutdown(cancel_futures=True)
@@ -85,30 +110,30 @@ class RayPool:
                 runtime_env={"py_modules": [protocol]},
             )
         self._ray = ray
-        actor = ray.remote(num_cpus=1)(_ScoreActor)
-        vectors = ray.put(setup.vectors)
+        actor = ray.remote(num_cpus=1)(_WorkerActor)
+        shared = ray.put(setup)
         self.workers = workers
-        self._actors = [actor.remote(*setup.args(vectors)) for _ in range(workers)]
+        self._actors = [actor.remote(shared) for _ in range(workers)]
         self._next = 0
 
-    def submit(self, query_bytes: list[bytes], rows: np.ndarray) -> Future:
+    def submit(self, task: Callable, *args) -> Future:
         actor = self._actors[self._next % len(self._actors)]
         self._next += 1
-        return actor.score.remote(query_bytes, rows).future()
+        return actor.run.remote(task, *args).future()
 
     def close(self) -> None:
         for actor in self._actors:
             self._ray.kill(actor)
 
 
-class _ScoreActor:
-    """A Ray actor holding one worker's context and keys for the session."""
+class _WorkerActor:
+    """A Ray actor holding one worker's state for the session."""
 
-    def __init__(self, *args) -> None:
-        linkage.init_worker(*args)
+    def __init__(self, setup: WorkerSetup) -> None:
+        self.worker = init_worker(setup)
 
-    def score(self, query_bytes: list[bytes], rows: np.ndarray) -> list[bytes]:
-        return linkage.score_rows(query_bytes, rows)
+    def run(self, task: Callable, *args):
+        return task(self.worker, *args)
 
 
 def open_pool(setup: WorkerSetup, workers: int, ray_address: str | None):
@@ -121,4 +146,20 @@ def open_pool(setup: WorkerSetup, workers: int, ray_address: str | None):
 def submit_group(pool, query_bytes: list[bytes], positions: np.ndarray) -> list[Future]:
     """Split a group's positions over the workers; futures in position order."""
     chunks = [c for c in np.array_split(positions, pool.workers) if len(c)]
-    return [pool.submit(query_bytes, chunk) for chunk in chunks]
+    return [pool.submit(linkage.score_rows, query_bytes, chunk) for chunk in chunks]
+
+
+def submit_selections(
+    pool, selections: list[bytes], positions: list[np.ndarray]
+) -> list[Future]:
+    """Split selections (one per position row) over the workers for the cross-tab."""
+    indices = np.array_split(np.arange(len(positions)), pool.workers)
+    parts = [p for p in indices if len(p)]
+    return [
+        pool.submit(
+            crosstab.sum_rows,
+            [selections[i] for i in part],
+            np.stack([positions[i] for i in part]),
+        )
+        for part in parts
+    ]

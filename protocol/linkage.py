@@ -7,10 +7,10 @@ answers each as it comes:
 - C -> S: ceil(dims / 2) QUERY_CT, the client's records of that group, two
   dimensions per ciphertext (real and imaginary part of each slot; fresh, at
   the last level, one 60-bit prime, scale 2^27).
-- S -> C: Q_g SCORE_CT, one per server position q, at the same level and scale
-  2^53. Slot s holds 2 r_s (score(s, q) - threshold) + e_s, where score(s, q) is the dot
-  product of the client record in slot s with the q-th server record of its
-  bucket, r_s = 2^u with u uniform in [-4, 4) drawn afresh for every slot of
+- S -> C: Q_g SCORE_CT, one per server position q, at the same level and
+  scale 2^53. Slot s holds 2 r_s (score(s, q) - threshold) + e_s, where
+  score(s, q) is the dot product of the client record in slot s with the q-th
+  server record of its bucket, r_s = 2^u with u uniform in [-4, 4) drawn afresh for every slot of
   every ciphertext, and e_s is noise far below CKKS's precision of a decision.
   The factors are folded into the server's plaintexts (scale 2^26), so
   blinding costs no level, and nothing is rescaled: the products use no level
@@ -18,9 +18,10 @@ answers each as it comes:
   half the arithmetic of the top level. The price is precision: the score is
   exact to about 3e-5 (the benchmark counts decisions that differ from the
   plaintext rule's), and 2^53 times the largest blinded value, 2 * 16 * 1.55,
-  stays under half the prime, 2^59. The imaginary part (cross terms of the two packed dimensions, which
-  would tell the client about the server's vectors) is cancelled by adding
-  the complex conjugate; a fresh encryption of zero is added last.
+  stays under half the prime, 2^59. The imaginary part (cross terms of the
+  two packed dimensions, which would tell the client about the server's
+  vectors) is cancelled by adding the complex conjugate; a fresh encryption
+  of zero is added last.
 
 Who learns what:
 
@@ -29,14 +30,17 @@ Who learns what:
   filled, so it learns neither the client's records nor its block sizes.
 - The client learns, per own record and per server position in its bucket,
   one sign: match or not. Fresh factors hide the score and keep even the order
-  of one record's candidates from it. It learns Q_g, the size of the largest
-  server bucket in each group, and nothing names a server record: positions are
-  shuffled per session.
+  of one record's candidates from it. It learns Q_g: with a server depth in
+  the specification, that depth (a function of the server's record count
+  rounded up to 1024, see :func:`.layout.server_depth`), else the size of the
+  largest server bucket of the group. Nothing names a server record:
+  positions are shuffled per session.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tenseal.sealapi as sa
@@ -44,6 +48,9 @@ import tenseal.sealapi as sa
 from .blinding import log_uniform_factors, small_noise
 from .he import LAST, Ckks, PublicKeyHolder
 from .layout import SLOTS, server_plain_matrix
+
+if TYPE_CHECKING:
+    from .executor import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -113,39 +120,25 @@ def _conjugate_pairs(
 
 # -- the server's worker processes ----------------------------------------------
 
-_WORKER: dict = {}
 
-
-def init_worker(
-    parameters: str,
-    public_key: bytes,
-    galois_keys: bytes,
-    vectors: np.ndarray,
-    threshold: float,
-) -> None:
-    """Runs once in each worker: build the context, load the client's public keys."""
-    ckks = Ckks(parameters)
-    public = PublicKeyHolder(
-        ckks,
-        ckks.load_public_key_untrusted(public_key),
-        ckks.load_galois_keys_untrusted(galois_keys),
-    )
-    _WORKER.update(ckks=ckks, public=public, vectors=vectors, threshold=threshold)
-
-
-def score_rows(query_bytes: list[bytes], rows: np.ndarray) -> list[bytes]:
+def score_rows(
+    worker: Worker, query_bytes: list[bytes], rows: np.ndarray
+) -> list[bytes]:
     """Worker task: score ciphertexts for several position rows of one group."""
-    ckks, public = _WORKER["ckks"], _WORKER["public"]
+    ckks, public, setup = worker.ckks, worker.public, worker.setup
     queries = [load_query(ckks, b) for b in query_bytes]
-    out = []
-    for row in rows:
-        plains = server_plain_matrix(_WORKER["vectors"], row)
-        out.append(
-            ckks.to_bytes(
-                score_position(ckks, public, queries, plains, _WORKER["threshold"])
+    return [
+        ckks.to_bytes(
+            score_position(
+                ckks,
+                public,
+                queries,
+                server_plain_matrix(setup.vectors, row),
+                setup.threshold,
             )
         )
-    return out
+        for row in rows
+    ]
 
 
 # -- the client's side ------------------------------------------------------------

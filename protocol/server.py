@@ -17,10 +17,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import crosstab, linkage, threshold
-from .executor import WorkerSetup, open_pool, submit_group
+from .executor import WorkerSetup, open_pool, submit_group, submit_selections
 from .handshake import ServerPolicy, check_client_hello, server_hello
-from .he import TOP, Ckks, PublicKeyHolder
-from .layout import PassShape, query_count, server_positions, server_value_row
+from .he import Ckks, PublicKeyHolder
+from .layout import PassShape, query_count, server_positions
 from .messages import Channel, Msg
 from .records import linkage_columns, numeric_column, read_csv, require_column
 from .reference import PreparedRecords, pass_shapes, prepare, server_depths
@@ -112,36 +112,68 @@ def run_session(
             cells=shape.cells,
             size_class=query.size_class,
         )
-        _linkage(channel, ckks, data, layout, keys, options)
-        return _aggregate(channel, ckks, public, data, layout, shape, query)
+        work, scales = _table_work(data, shape, query)
+        setup = WorkerSetup(
+            ckks.name, *keys, data.records.vectors, data.spec.threshold, work
+        )
+        pool = open_pool(setup, options.workers, options.ray_address)
+        try:
+            _linkage(channel, ckks, data, layout, pool, options)
+            acc = _aggregate(channel, ckks, public, layout, work, pool)
+            session = _Session(channel, ckks, public, data, query, pool)
+            return _size_check_and_table(session, acc, scales)
+        finally:
+            pool.close()
     finally:
         ckks.close()
 
 
-def _linkage(channel, ckks, data, layout, keys, options: SessionOptions) -> None:
+@dataclass(frozen=True)
+class _Session:
+    channel: Channel
+    ckks: Ckks
+    public: PublicKeyHolder
+    data: ServerData
+    query: object
+    pool: object
+
+
+def _table_work(data: ServerData, shape, query) -> tuple:
+    """The per-record cells and scaled values, and this session's secret factors."""
+    raw = numeric_column(data.frame, query.value, data.path)
+    scales = crosstab.TableScales(
+        value_scale(raw), crosstab.count_scale(query.size_class)
+    )
+    work = crosstab.TableWork(
+        cells=cell_of_records(data.frame, shape),
+        values=raw / scales.value_scale,
+        count_scale=scales.count_scale,
+        rho=crosstab.table_factors(shape.cells),
+        check=threshold.check_factors(shape.cells),
+        reveal_counts=data.policy.reveal_counts,
+    )
+    return work, scales
+
+
+def _linkage(channel, ckks, data, layout, pool, options: SessionOptions) -> None:
     """Score every group; group g+1 is received while the workers compute group g."""
     started = time.perf_counter()
-    setup = WorkerSetup(ckks.name, *keys, data.records.vectors, data.spec.threshold)
     groups = [p for passes in layout.positions for p in passes]
-    pool = open_pool(setup, options.workers, options.ray_address)
-    try:
-        with tqdm(
-            total=len(groups),
-            desc="server: linkage",
-            unit="group",
-            disable=not options.progress,
-        ) as bar:
-            pending = None
-            for positions in groups:
-                queries = _receive_queries(channel, ckks, query_count(data.spec.dims))
-                submitted = submit_group(pool, queries, positions)
-                if pending is not None:
-                    _send_scores(channel, pending, bar)
-                pending = submitted
+    with tqdm(
+        total=len(groups),
+        desc="server: linkage",
+        unit="group",
+        disable=not options.progress,
+    ) as bar:
+        pending = None
+        for positions in groups:
+            queries = _receive_queries(channel, ckks, query_count(data.spec.dims))
+            submitted = submit_group(pool, queries, positions)
             if pending is not None:
                 _send_scores(channel, pending, bar)
-    finally:
-        pool.close()
+            pending = submitted
+        if pending is not None:
+            _send_scores(channel, pending, bar)
     positions = sum(sum(c) for c in layout.counts())
     _log_phase(
         "linkage",
@@ -168,43 +200,60 @@ def _send_scores(channel: Channel, futures, bar) -> None:
     bar.update()
 
 
-def _aggregate(channel, ckks, public, data, layout, shape, query) -> str:
+# Positions per cross-tab batch, at least: each task returns partial sums for
+# every cell, so batches much smaller than this cost more to merge than to sum.
+SELECTION_BATCH = 32
+
+
+def _aggregate(channel, ckks, public, layout, work, pool) -> crosstab.CellAccumulator:
+    """Receive the selections and sum them on the workers, batch by batch."""
     started = time.perf_counter()
-    cell = cell_of_records(data.frame, shape)
-    raw = numeric_column(data.frame, query.value, data.path)
-    scales = crosstab.TableScales(
-        value_scale(raw), crosstab.count_scale(query.size_class)
-    )
-    values = raw / scales.value_scale
-    acc = crosstab.CellAccumulator(
-        crosstab.table_factors(shape.cells),
-        threshold.check_factors(shape.cells),
-        data.policy.reveal_counts,
-    )
+    acc = work.accumulator()
+    blobs: list[bytes] = []
+    rows: list[np.ndarray] = []
+    running: list = []
     for groups in layout.positions:
         for positions in groups:
             for row in positions:
-                selection = ckks.load_ciphertext_untrusted(
-                    channel.recv(Msg.SELECTION_CT), TOP, ckks.scale
-                )
-                cells_here = server_value_row(cell, row, fill=-1)
-                values_here = server_value_row(values, row, fill=np.nan)
-                crosstab.add_selection(
-                    ckks, acc, selection, cells_here, values_here, scales.count_scale
-                )
+                blob = channel.recv(Msg.SELECTION_CT)
+                crosstab.load_selection(ckks, blob)  # checked before a worker sees it
+                blobs.append(blob)
+                rows.append(row)
+            if len(rows) >= SELECTION_BATCH:
+                running += submit_selections(pool, blobs, rows)
+                blobs, rows = [], []
+                running = _merge_done(ckks, acc, running)
+    if rows:
+        running += submit_selections(pool, blobs, rows)
+    for future in running:
+        crosstab.merge_partial(ckks, acc, future.result())
     crosstab.finish_totals(ckks, acc, public.galois_keys)
-    _log_phase("cross-tab sums", started, channel, cells=shape.cells)
-    return _size_check_and_table(channel, ckks, public, data, acc, scales, query)
+    _log_phase("cross-tab sums", started, channel, cells=acc.cells)
+    return acc
 
 
-def _size_check_and_table(channel, ckks, public, data, acc, scales, query) -> str:
+def _merge_done(ckks, acc, running: list) -> list:
+    """Merge the partial sums of finished tasks; returns those still running."""
+    for future in [f for f in running if f.done()]:
+        crosstab.merge_partial(ckks, acc, future.result())
+    return [f for f in running if not f.done()]
+
+
+def _size_check_and_table(session: _Session, acc, scales) -> str:
     started = time.perf_counter()
-    policy = data.policy
+    channel, ckks, public = session.channel, session.ckks, session.public
+    policy, query = session.data.policy, session.query
     if all(c is None for c in acc.checks):
         channel.send_json(Msg.REFUSED, {"reason": _refusal(policy)})
         return "refused"
     checks, key = threshold.build_check(
-        ckks, public, acc.checks, acc.check, policy.min_cell_size, query.size_class
+        ckks,
+        public,
+        acc.checks,
+        acc.check,
+        policy.min_cell_size,
+        query.size_class,
+        fresh=lambda values: _fresh_on_workers(session, values),
     )
     channel.send_json(Msg.SIZE_CHECK, {"values": len(checks)})
     for ciphertext in checks:
@@ -226,6 +275,17 @@ def _size_check_and_table(channel, ckks, public, data, acc, scales, query) -> st
     for ciphertext in crosstab.table_ciphertexts(ckks, public, acc):
         channel.send(Msg.TABLE_CT, ckks.to_bytes(ciphertext))
     return "table"
+
+
+def _fresh_on_workers(session: _Session, values: list[float]) -> list:
+    """threshold.fresh_totals of ``values``, split over the workers, in order."""
+    parts = [p for p in np.array_split(values, session.pool.workers) if len(p)]
+    futures = [session.pool.submit(threshold.fresh_totals, p.tolist()) for p in parts]
+    return [
+        threshold.load_total(session.ckks, data)
+        for future in futures
+        for data in future.result()
+    ]
 
 
 def _refusal(policy: ServerPolicy) -> str:

@@ -30,7 +30,9 @@ Who learns what:
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tenseal.sealapi as sa
@@ -39,6 +41,9 @@ from .blinding import log_uniform_factors, random_signs, small_noise
 from .framing import ProtocolError
 from .he import LAST, TOP, Ckks, PublicKeyHolder
 from .layout import SLOTS
+
+if TYPE_CHECKING:
+    from .executor import Worker
 
 # 14 octaves; the largest value, 2^-2 * 2^20, stays under CKKS's 2^19 headroom,
 # and the smallest, 2^-17, is far above the slot noise of 2^-24.
@@ -83,24 +88,34 @@ def build_check(
     factors: np.ndarray,
     min_cell_size: int,
     size_class: int,
+    fresh: Callable[[list[float]], list[sa.Ciphertext]] | None = None,
 ) -> tuple[list[sa.Ciphertext], CheckKey]:
     """The check ciphertexts for all cells plus decoys, shuffled, and the key.
 
     ``checks[c]`` holds factors[c] * n_c in every slot, or is None when no
     server record of cell c sits at any position (n_c = 0 for certain). The
     offsets are added to those ciphertexts in place: build one check per
-    accumulator.
+    accumulator. ``fresh`` makes the totals of those empty cells and of the
+    decoys (:func:`fresh_totals`, here or on workers).
     """
+    if fresh is None:
+
+        def fresh(values: list[float]) -> list[sa.Ciphertext]:
+            return [_fresh_total(ckks, public, v) for v in values]
+
     cells, decoys = len(checks), decoy_count(len(checks))
     order = _permutation(cells + decoys)
     decoy_factors = check_factors(decoys)
     drawn = _decoy_counts(decoys, min_cell_size, size_class)
+    empty = [c for c in range(cells) if checks[c] is None]
+    made = fresh([0.0] * len(empty) + (decoy_factors * drawn).tolist())
+    totals = list(checks)
+    for c, total in zip(empty, made):
+        totals[c] = total
     values: list[sa.Ciphertext | None] = [None] * (cells + decoys)
     for c in range(cells):
-        total = checks[c] if checks[c] is not None else _fresh_total(ckks, public, 0.0)
-        values[order[c]] = _offset(ckks, public, total, factors[c], min_cell_size)
-    for j in range(decoys):
-        total = _fresh_total(ckks, public, decoy_factors[j] * drawn[j])
+        values[order[c]] = _offset(ckks, public, totals[c], factors[c], min_cell_size)
+    for j, total in enumerate(made[len(empty) :]):
         values[order[cells + j]] = _offset(
             ckks, public, total, decoy_factors[j], min_cell_size
         )
@@ -120,6 +135,19 @@ def _offset(
     ckks.evaluator.add_plain_inplace(total, ckks.encode(shift, LAST, total.scale))
     public.rerandomise(total)
     return total
+
+
+def fresh_totals(worker: Worker, values: list[float]) -> list[bytes]:
+    """Worker task: :func:`_fresh_total` of each value, serialised."""
+    return [
+        worker.ckks.to_bytes(_fresh_total(worker.ckks, worker.public, v))
+        for v in values
+    ]
+
+
+def load_total(ckks: Ckks, data: bytes) -> sa.Ciphertext:
+    """A summed total from a worker, checked: last level, the final scale."""
+    return ckks.load_ciphertext_untrusted(data, LAST, ckks.final_scale())
 
 
 def _fresh_total(ckks: Ckks, public: PublicKeyHolder, value: float) -> sa.Ciphertext:

@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 import tenseal.sealapi as sa
 
-from protocol import crosstab, threshold
+from protocol import crosstab, executor, threshold
+from protocol.framing import ProtocolError
 from protocol.he import LAST, Ckks, PublicKeyHolder, SecretKeyHolder
 from protocol.layout import SLOTS, PassShape, server_positions
 from protocol.table import TableShape, cell_of_records, table_shape, value_scale
@@ -369,3 +370,59 @@ def test_count_scale_keeps_blinded_counts_under_two_to_the_18(
 ) -> None:
     assert crosstab.count_scale(size_class) == scale
     assert 2 * size_class / scale <= 2**18
+
+
+# -- the worker task: partial sums, merged by the session --------------------------
+
+
+def test_partial_sums_of_two_workers_merge_to_the_sums_of_one(
+    ckks: Ckks, secret: SecretKeyHolder, public: PublicKeyHolder, encrypt: Encrypt,
+    decrypt_reply: Decrypt, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = np.random.default_rng(8)
+    frame = server_frame(rng, 120)
+    shape = table_shape(frame, ("state",))
+    (positions,) = server_positions(rng.integers(0, 100, len(frame)),
+                                    PassShape(SLOTS // 8, 8))
+    work = crosstab.TableWork(
+        cells=cell_of_records(frame, shape),
+        values=frame["age"].to_numpy(dtype=float) / 128.0,
+        count_scale=1.0,
+        rho=crosstab.table_factors(shape.cells),
+        check=threshold.check_factors(shape.cells),
+        reveal_counts=True,
+    )
+    blobs = [secret.encrypt_to_bytes((rng.random(SLOTS) < 0.3).astype(float))
+             for _ in positions]
+    monkeypatch.setattr(executor, "_WORKER", [])
+    worker = executor.init_worker(
+        executor.WorkerSetup(ckks.name, *secret.public_bytes(), np.zeros((1, 2)), 0.5,
+                             work)
+    )
+
+    whole = work.accumulator()
+    crosstab.add_rows(ckks, whole, work,
+                      [crosstab.load_selection(ckks, b) for b in blobs], positions)
+    merged = work.accumulator()
+    half = len(positions) // 2
+    for part in (slice(0, half), slice(half, None)):
+        partial = crosstab.sum_rows(worker, blobs[part], positions[part])
+        assert [len(p) for p in partial] == [shape.cells] * 3
+        crosstab.merge_partial(ckks, merged, partial)
+    worker.ckks.close()
+    for acc in (whole, merged):
+        crosstab.finish_totals(ckks, acc, public.galois_keys)
+
+    for one, two in zip(whole.table + whole.checks + whole.counts,
+                        merged.table + merged.checks + merged.counts):
+        assert np.max(np.abs(decrypt_reply(one) - decrypt_reply(two))) < TOLERANCE
+
+
+def test_merge_partial_refuses_a_partial_at_another_scale(
+    ckks: Ckks, encrypt: Encrypt
+) -> None:
+    acc = accumulator(2, False)
+    fresh = ckks.to_bytes(encrypt(np.ones(SLOTS)))  # scale 2^40, not 2^80
+
+    with pytest.raises(ProtocolError, match="scale"):
+        crosstab.merge_partial(ckks, acc, [[fresh, None], [None, None], [None, None]])

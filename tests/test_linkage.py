@@ -19,7 +19,8 @@ import pytest
 import tenseal.sealapi as sa
 
 from protocol import linkage
-from protocol.executor import submit_group
+from protocol import executor
+from protocol.executor import Worker, WorkerSetup, submit_group
 from protocol.blinding import log_uniform_factors, random_signs, small_noise
 from protocol.framing import ProtocolError
 from protocol.he import (
@@ -446,13 +447,15 @@ def test_decide_with_no_positive_slot_returns_nothing() -> None:
 def worker(
     ckks: Ckks, secret: SecretKeyHolder, scenario: Scenario,
     monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[None]:
+) -> Iterator[Worker]:
     """init_worker as a pool would call it, in a private copy of the worker state."""
-    monkeypatch.setattr(linkage, "_WORKER", {})
+    monkeypatch.setattr(executor, "_WORKER", [])
     key_bytes, galois_bytes = secret.public_bytes()
-    linkage.init_worker(ckks.name, key_bytes, galois_bytes, scenario.server, THRESHOLD)
-    yield
-    linkage._WORKER["ckks"].close()
+    state = executor.init_worker(
+        WorkerSetup(ckks.name, key_bytes, galois_bytes, scenario.server, THRESHOLD)
+    )
+    yield state
+    state.ckks.close()
 
 
 def expect_signs(ckks: Ckks, secret: SecretKeyHolder, scenario: Scenario,
@@ -467,11 +470,11 @@ def expect_signs(ckks: Ckks, secret: SecretKeyHolder, scenario: Scenario,
 
 
 def test_score_rows_gives_the_signs_of_score_position(
-    ckks: Ckks, secret: SecretKeyHolder, scenario: Scenario, worker: None,
+    ckks: Ckks, secret: SecretKeyHolder, scenario: Scenario, worker: Worker,
 ) -> None:
     rows = scenario.positions[:3]
 
-    replies = linkage.score_rows(scenario.query_bytes, rows)
+    replies = linkage.score_rows(worker, scenario.query_bytes, rows)
 
     assert len(replies) == len(rows)
     expect_signs(ckks, secret, scenario, replies)
@@ -481,34 +484,34 @@ def test_init_worker_refuses_galois_keys_without_the_conjugation(
     ckks: Ckks, secret: SecretKeyHolder, scenario: Scenario,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(linkage, "_WORKER", {})
+    monkeypatch.setattr(executor, "_WORKER", [])
     steps = rotation_steps(ckks.slots)
     holder = SecretKeyHolder(ckks, [ckks.galois_element(s) for s in steps])
     key_bytes, galois_bytes = holder.public_bytes()
 
     with pytest.raises(ProtocolError, match="missing"):
-        linkage.init_worker(ckks.name, key_bytes, galois_bytes, scenario.server,
-                            THRESHOLD)
-    assert "public" not in linkage._WORKER
+        executor.init_worker(WorkerSetup(ckks.name, key_bytes, galois_bytes,
+                                         scenario.server, THRESHOLD))
+    assert executor._WORKER == []
 
 
 def test_score_rows_refuses_a_truncated_query(
-    scenario: Scenario, worker: None
+    scenario: Scenario, worker: Worker
 ) -> None:
     wrong = [scenario.query_bytes[0][:-1]] + scenario.query_bytes[1:]
 
     with pytest.raises(ProtocolError):
-        linkage.score_rows(wrong, scenario.positions[:1])
+        linkage.score_rows(worker, wrong, scenario.positions[:1])
 
 
 def test_score_rows_refuses_a_reply_sent_back_as_a_query(
-    ckks: Ckks, scenario: Scenario, worker: None
+    ckks: Ckks, scenario: Scenario, worker: Worker
 ) -> None:
-    (reply,) = linkage.score_rows(scenario.query_bytes, scenario.positions[:1])
+    (reply,) = linkage.score_rows(worker, scenario.query_bytes, scenario.positions[:1])
     wrong = [reply] + scenario.query_bytes[1:]
 
-    with pytest.raises(ProtocolError, match="level"):
-        linkage.score_rows(wrong, scenario.positions[:1])
+    with pytest.raises(ProtocolError, match="scale"):
+        linkage.score_rows(worker, wrong, scenario.positions[:1])
 
 
 class ThreadScoring:
@@ -517,12 +520,12 @@ class ThreadScoring:
     def __init__(self, pool: ThreadPoolExecutor, workers: int) -> None:
         self.pool, self.workers = pool, workers
 
-    def submit(self, query_bytes, rows):
-        return self.pool.submit(linkage.score_rows, query_bytes, rows)
+    def submit(self, task, *args):
+        return self.pool.submit(executor._run, task, *args)
 
 
 def test_submit_group_futures_are_in_position_order(
-    ckks: Ckks, secret: SecretKeyHolder, scenario: Scenario, worker: None,
+    ckks: Ckks, secret: SecretKeyHolder, scenario: Scenario, worker: Worker,
 ) -> None:
     positions = scenario.positions
     with ThreadPoolExecutor(max_workers=2) as threads:
@@ -536,7 +539,7 @@ def test_submit_group_futures_are_in_position_order(
 
 
 def test_submit_group_submits_nothing_for_a_group_without_positions(
-    scenario: Scenario, worker: None
+    scenario: Scenario, worker: Worker
 ) -> None:
     with ThreadPoolExecutor(max_workers=1) as threads:
         futures = submit_group(ThreadScoring(threads, workers=2), scenario.query_bytes,

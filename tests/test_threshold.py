@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tenseal.sealapi as sa
 
-from protocol import crosstab, threshold
+from protocol import crosstab, executor, threshold
 from protocol.framing import ProtocolError
 from protocol.handshake import MAX_SIZE_CLASS
 from protocol.he import Ckks, PublicKeyHolder, SecretKeyHolder
@@ -194,6 +194,37 @@ def test_cell_without_any_accumulator_counts_as_zero(
 
     assert key.verdict(answers).tolist() == [True, False]
     assert abs(values[key.slot_of_cell[1]] - (-0.25) * (0 - 1 + 0.5)) < TOLERANCE
+
+
+def test_totals_made_on_a_worker_give_the_same_verdict(
+    ckks: Ckks, secret: SecretKeyHolder, public: PublicKeyHolder,
+    decrypt_reply: Decrypt, monkeypatch: pytest.MonkeyPatch,
+    totals: Callable[[np.ndarray], crosstab.CellAccumulator],
+) -> None:
+    # The empty cell's zero and the decoys' values are asked of the worker task,
+    # in that order, and come back as bytes the session checks.
+    monkeypatch.setattr(executor, "_WORKER", [])
+    worker = executor.init_worker(
+        executor.WorkerSetup(ckks.name, *secret.public_bytes(), np.zeros((1, 2)), 0.5)
+    )
+    asked_of_worker: list[list[float]] = []
+
+    def fresh(values: list[float]) -> list[sa.Ciphertext]:
+        asked_of_worker.append(values)
+        made = threshold.fresh_totals(worker, values)
+        return [threshold.load_total(ckks, data) for data in made]
+
+    acc = totals(threshold.check_factors(CELLS))
+    checks = [acc.checks[0], None, acc.checks[2]]
+    ciphertexts, key = threshold.build_check(ckks, public, checks, acc.check, K,
+                                             SIZE_QUANTUM, fresh=fresh)
+    worker.ckks.close()
+    values = [decrypt_reply(c)[0] for c in ciphertexts]
+
+    assert len(asked_of_worker) == 1
+    assert asked_of_worker[0][0] == 0.0
+    assert len(asked_of_worker[0]) == 1 + threshold.decoy_count(CELLS)
+    assert key.verdict(honest(np.array(values))).tolist() == [False, False, True]
 
 
 def test_answering_all_ones_is_always_caught_by_the_decoys(at_k: list[Check]) -> None:
