@@ -50,7 +50,13 @@ HERE = Path(__file__).resolve().parent
 
 
 class TreeMemory(threading.Thread):
-    """Samples the summed resident set of a process and its descendants."""
+    """Samples the summed memory of a process and its descendants.
+
+    Each process counts its proportional set size (PSS): pages it shares with
+    others (a forked worker's copy-on-write view of the server's data) count
+    once in total, split between the sharers, instead of once per process as
+    resident sizes would. Where the kernel has no PSS, the resident size.
+    """
 
     def __init__(self, pid: int, interval: float = 0.05) -> None:
         super().__init__(daemon=True)
@@ -63,7 +69,7 @@ class TreeMemory(threading.Thread):
 
     def run(self) -> None:
         while not self._done.is_set():
-            self.peak = max(self.peak, sum(_rss(p) for p in _tree(self.pid)))
+            self.peak = max(self.peak, sum(_memory(p) for p in _tree(self.pid)))
             time.sleep(self.interval)
 
     def stop(self) -> int:
@@ -86,13 +92,18 @@ def _tree(pid: int) -> list[int]:
     return found
 
 
-def _rss(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+def _memory(pid: int) -> int:
+    """PSS of one process in bytes, or its resident size, or 0 if it is gone."""
+    for path, field in (
+        (f"/proc/{pid}/smaps_rollup", "Pss:"),
+        (f"/proc/{pid}/status", "VmRSS:"),
+    ):
+        try:
+            for line in Path(path).read_text().splitlines():
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            continue
     return 0
 
 
@@ -213,7 +224,7 @@ def blocking_recall(spec, ours, theirs, truth) -> float:
     met = np.zeros(len(truth), dtype=bool)
     pairs = np.array(sorted(truth))
     for shape, c_bucket, s_bucket in zip(
-        shapes, ours.buckets(spec, shapes), theirs.buckets(spec, shapes)
+        shapes, ours.buckets(shapes), theirs.buckets(shapes)
     ):
         slot = client_slots(c_bucket, shape)
         a, b = c_bucket[pairs[:, 0]], s_bucket[pairs[:, 1]]
@@ -298,7 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--sizes",
-        default="1000x1000,5000x5000,20000x20000,100000x100000,10000x1000000",
+        default=(
+            "1000x1000,5000x5000,10000x10000,20000x20000,40000x40000,"
+            "100000x100000,10000x1000000"
+        ),
         metavar="CxS[,CxS]",
         help="client x server sizes for --sweep",
     )
@@ -370,7 +384,7 @@ def report(m: dict, args) -> None:
     print(
         f"peak memory: server {run['server_peak'] / 2**20:,.0f} MiB, "
         f"client {run['client_peak'] / 2**20:,.0f} MiB "
-        "(resident, summed over each process tree)"
+        "(proportional set size, summed over each process tree)"
     )
     floor = m["products"] * args.product_seconds
     linkage = run["server_phases"].get("linkage", 0.0)
@@ -467,12 +481,31 @@ def sweep(args) -> int:
             rows.append(_sweep_row(m, args))
             print(_format_row(rows[-1]), flush=True)
     table = pd.DataFrame(rows)
+    table["per_doubling"] = per_doubling(table)
     if args.sweep_csv:
         table.to_csv(args.sweep_csv, index=False)
     if args.plot:
         plot(table, args.plot)
     print(table.to_string(index=False))
     return 0
+
+
+def per_doubling(table: pd.DataFrame) -> list[float]:
+    """Growth of end-to-end time per doubling of both sides, from the previous
+    balanced row: (t / t_prev) ** (1 / log2(n / n_prev)); NaN for the first
+    balanced row and for unbalanced rows."""
+    out, previous = [], None
+    for row in table.itertuples():
+        if row.clients != row.servers:
+            out.append(float("nan"))
+            continue
+        if previous is None:
+            out.append(float("nan"))
+        else:
+            doublings = np.log2(row.clients / previous.clients)
+            out.append(round((row.seconds / previous.seconds) ** (1 / doublings), 2))
+        previous = row
+    return out
 
 
 def _sweep_row(m: dict, args) -> dict:

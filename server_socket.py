@@ -73,12 +73,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=2,
         metavar="N",
-        help="processes for the linkage arithmetic",
+        help="processes for the linkage, cross-tab and size-check arithmetic",
     )
     parser.add_argument(
         "--ray-address",
         metavar="HOST:PORT",
-        help="run the linkage on this Ray cluster instead of local "
+        help="run that arithmetic on this Ray cluster instead of local "
         "processes (--workers actors)",
     )
     parser.add_argument(

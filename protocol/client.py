@@ -85,7 +85,7 @@ def _linkage(channel, keys, spec, shapes, offer, records, progress):
     client's encryption overlaps the server's arithmetic. Returns
     candidates[pass][row] = [(group, position)] and each pass's slots.
     """
-    slots = [client_slots(b, s) for b, s in zip(records.buckets(spec, shapes), shapes)]
+    slots = [client_slots(b, s) for b, s in zip(records.buckets(shapes), shapes)]
     reader = _ScoreReader(channel, keys, slots, offer.positions, progress)
     reader.start()
     total = sum(s.groups for s in shapes)

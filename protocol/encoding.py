@@ -15,7 +15,7 @@ the values. They are never sent in the clear; the client only ever sends them
 encrypted, and the server's stay on the server.
 
 Blocking keys are computed on both sides from the same fields; a key is hashed
-into one of a power-of-two number of buckets. A record with an empty key part
+into one of a number of buckets. A record with an empty key part
 takes no part in that pass.
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -139,16 +140,37 @@ def _key_part(value: object, transform: str) -> str:
     return text
 
 
-def bucket_ids(keys: Sequence[str], blocking: BlockingPass, buckets: int) -> np.ndarray:
-    """Bucket of every key in [0, buckets), or -1 for an empty key.
+@dataclass(frozen=True)
+class KeyHashes:
+    """One pass's blocking keys, hashed once: 64 bits per record, and which
+    records have a key at all."""
 
-    ``buckets`` is a power of two, so the low bits of one 64-bit hash serve
-    every bucket count and a key's bucket at 2K buckets refines its bucket at K.
-    """
+    values: np.ndarray  # uint64
+    keyed: np.ndarray  # bool
+
+    def buckets(self, count: int) -> np.ndarray:
+        """Bucket of every record in [0, count), or -1 for an empty key.
+
+        One 64-bit hash modulo ``count`` (a bias below 2^-40 for any count we
+        use), so a key's bucket at 2K buckets refines its bucket at K.
+        """
+        ids = (self.values % np.uint64(count)).astype(np.int64)
+        return np.where(self.keyed, ids, -1)
+
+
+def key_hashes(keys: Sequence[str], blocking: BlockingPass) -> KeyHashes:
+    """Keyed BLAKE2b of every key, salted by the pass's name."""
     salt = hashlib.blake2b(blocking.name.encode(), digest_size=16).digest()
-    out = np.full(len(keys), -1, dtype=np.int64)
+    values = np.zeros(len(keys), dtype=np.uint64)
+    keyed = np.zeros(len(keys), dtype=bool)
     for row, key in enumerate(keys):
         if key:
             digest = hashlib.blake2b(key.encode(), key=salt, digest_size=8).digest()
-            out[row] = int.from_bytes(digest, "big") & (buckets - 1)
-    return out
+            values[row] = int.from_bytes(digest, "big")
+            keyed[row] = True
+    return KeyHashes(values, keyed)
+
+
+def bucket_ids(keys: Sequence[str], blocking: BlockingPass, buckets: int) -> np.ndarray:
+    """Bucket of every key in [0, buckets), or -1 for an empty key."""
+    return key_hashes(keys, blocking).buckets(buckets)

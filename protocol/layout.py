@@ -47,13 +47,12 @@ def padded_count(records: int) -> int:
 def bucket_count(
     client_records: int, slots_per_bucket: int, capacity_factor: float
 ) -> int:
-    """The power-of-two K that gives ``capacity_factor`` slots per client record.
-
-    At least one group's worth, so that K * P is a whole number of groups.
+    """The smallest K of whole slot groups that gives ``capacity_factor`` slots
+    per client record: a multiple of SLOTS / slots_per_bucket, at least one.
     """
+    per_group = SLOTS // slots_per_bucket
     wanted = math.ceil(max(client_records, 1) * capacity_factor / slots_per_bucket)
-    minimum = SLOTS // slots_per_bucket
-    return max(minimum, 1 << (wanted - 1).bit_length())
+    return per_group * max(1, -(-wanted // per_group))
 
 
 @dataclass(frozen=True)
@@ -118,37 +117,53 @@ def server_positions(
     bucket are shuffled with a cryptographic source, so a position names no
     server record outside this session.
     """
-    members = bucket_members(bucket_of, shape.buckets, depth)
+    rows, bucket = _sorted_members(bucket_of, depth)
     if shuffle:
-        for rows in members:
-            _secure_shuffle(rows)
+        # Sorting by a 64-bit key from the OS's cryptographic source within
+        # each bucket draws a uniform permutation of its members.
+        keys = np.frombuffer(secrets.token_bytes(8 * len(rows)), dtype=np.uint64)
+        order = np.lexsort((keys, bucket))
+        rows, bucket = rows[order], bucket[order]
+    per_group = shape.buckets_per_group
     groups = []
     for g in range(shape.groups):
-        first = g * shape.buckets_per_group
-        own = members[first : first + shape.buckets_per_group]
-        rows_here = depth if depth is not None else max(map(len, own), default=0)
-        table = np.full((rows_here, len(own)), -1, dtype=np.int64)
-        for b, rows in enumerate(own):
-            table[: len(rows), b] = rows
+        lo, hi = np.searchsorted(bucket, [g * per_group, (g + 1) * per_group])
+        local = bucket[lo:hi] - g * per_group
+        rank_here = np.arange(hi - lo) - np.searchsorted(local, local)
+        if depth is not None:
+            rows_here = depth
+        else:
+            rows_here = int(rank_here.max()) + 1 if hi > lo else 0
+        table = np.full((rows_here, per_group), -1, dtype=np.int64)
+        table[rank_here, local] = rows[lo:hi]
         groups.append(np.repeat(table, shape.slots_per_bucket, axis=1))
     return groups
 
 
 def bucket_members(
     bucket_of: np.ndarray, buckets: int, depth: int | None = None
-) -> list[list[int]]:
+) -> list[np.ndarray]:
     """Server rows of every bucket in file order, the first ``depth`` of each."""
-    members: list[list[int]] = [[] for _ in range(buckets)]
-    for row, bucket in enumerate(bucket_of):
-        if bucket >= 0 and (depth is None or len(members[bucket]) < depth):
-            members[bucket].append(row)
-    return members
+    rows, bucket = _sorted_members(bucket_of, depth)
+    edges = np.searchsorted(bucket, np.arange(buckets + 1))
+    return [rows[edges[b] : edges[b + 1]] for b in range(buckets)]
 
 
-def _secure_shuffle(items: list[int]) -> None:
-    for i in range(len(items) - 1, 0, -1):
-        j = secrets.randbelow(i + 1)
-        items[i], items[j] = items[j], items[i]
+def _sorted_members(
+    bucket_of: np.ndarray, depth: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows with a bucket, sorted by bucket then file order, and their buckets;
+    only the first ``depth`` of each bucket when it is given."""
+    bucket_of = np.asarray(bucket_of, dtype=np.int64)
+    rows = np.flatnonzero(bucket_of >= 0)
+    order = np.argsort(bucket_of[rows], kind="stable")
+    rows = rows[order]
+    bucket = bucket_of[rows]
+    rank = np.arange(len(rows)) - np.searchsorted(bucket, bucket)
+    if depth is not None:
+        keep = rank < depth
+        rows, bucket = rows[keep], bucket[keep]
+    return rows, bucket
 
 
 def server_plain_matrix(vectors: np.ndarray, positions: np.ndarray) -> np.ndarray:

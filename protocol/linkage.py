@@ -10,8 +10,9 @@ answers each as it comes:
 - S -> C: Q_g SCORE_CT, one per server position q, at the same level and
   scale 2^53. Slot s holds 2 r_s (score(s, q) - threshold) + e_s, where
   score(s, q) is the dot product of the client record in slot s with the q-th
-  server record of its bucket, r_s = 2^u with u uniform in [-4, 4) drawn afresh for every slot of
-  every ciphertext, and e_s is noise far below CKKS's precision of a decision.
+  server record of its bucket, r_s = 2^u with u uniform in [-4, 4) drawn
+  afresh for every slot of every ciphertext, and e_s is noise far below
+  CKKS's precision of a decision.
   The factors are folded into the server's plaintexts (scale 2^26), so
   blinding costs no level, and nothing is rescaled: the products use no level
   at all, which is why the queries travel at the last one, half the bytes and

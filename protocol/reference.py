@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .encoding import bucket_ids, encode_records, key_strings
+from .encoding import KeyHashes, encode_records, key_hashes, key_strings
 from .layout import (
     PassShape,
     bucket_count,
@@ -32,25 +32,24 @@ from .spec import LinkageSpec
 
 @dataclass(frozen=True)
 class PreparedRecords:
-    """One side's hash vectors and blocking keys (strings, one list per pass)."""
+    """One side's hash vectors and hashed blocking keys (one per pass)."""
 
     vectors: np.ndarray
-    keys: tuple[list[str], ...]
+    keys: tuple[KeyHashes, ...]
 
     def __len__(self) -> int:
         return len(self.vectors)
 
-    def buckets(self, spec: LinkageSpec, shapes: list[PassShape]) -> list[np.ndarray]:
-        return [
-            bucket_ids(keys, blocking, shape.buckets)
-            for keys, blocking, shape in zip(self.keys, spec.passes, shapes)
-        ]
+    def buckets(self, shapes: list[PassShape]) -> list[np.ndarray]:
+        return [keys.buckets(shape.buckets) for keys, shape in zip(self.keys, shapes)]
 
 
 def prepare(columns: dict[str, list], spec: LinkageSpec) -> PreparedRecords:
     """Encode records given as {spec field name: list of values}."""
     vectors = encode_records(columns, spec)
-    keys = tuple(key_strings(columns, blocking) for blocking in spec.passes)
+    keys = tuple(
+        key_hashes(key_strings(columns, blocking), blocking) for blocking in spec.passes
+    )
     return PreparedRecords(vectors=vectors, keys=keys)
 
 
@@ -82,19 +81,19 @@ def reference_candidates(
 ) -> list[dict[int, list[int]]]:
     """Per pass: client row -> server rows whose score passes the threshold."""
     shapes = pass_shapes(spec, padded_count(len(client)))
-    server_buckets = server.buckets(spec, shapes)
+    server_buckets = server.buckets(shapes)
     found = []
     for shape, c_bucket, s_bucket, depth in zip(
         shapes,
-        client.buckets(spec, shapes),
+        client.buckets(shapes),
         server_buckets,
         server_depths(spec, server_buckets, shapes),
     ):
         slot = client_slots(c_bucket, shape)
         members = {
-            b: np.array(rows)
+            b: rows
             for b, rows in enumerate(bucket_members(s_bucket, shape.buckets, depth))
-            if rows
+            if len(rows)
         }
         found.append(_pass_candidates(spec, client, server, c_bucket, slot, members))
     return found

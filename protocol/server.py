@@ -51,7 +51,10 @@ def load_server_data(
     for column in policy.value_columns:
         numeric_column(frame, column, path)
     records = prepare(linkage_columns(frame, spec, mapping, path), spec)
-    return ServerData(str(path), frame, records, spec, policy)
+    # Sessions need only the policy's columns: the rest would be copied into
+    # every forked session and worker's memory accounting for nothing.
+    kept = list(dict.fromkeys(policy.group_columns + policy.value_columns))
+    return ServerData(str(path), frame[kept].copy(), records, spec, policy)
 
 
 @dataclass
@@ -67,7 +70,7 @@ class Layout:
 
 def session_layout(data: ServerData, size_class: int) -> Layout:
     shapes = pass_shapes(data.spec, size_class)
-    buckets = data.records.buckets(data.spec, shapes)
+    buckets = data.records.buckets(shapes)
     depths = server_depths(data.spec, buckets, shapes)
     return Layout(
         shapes,

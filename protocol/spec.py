@@ -49,7 +49,8 @@ class BlockingPass:
     ``slots_per_bucket`` client slots are reserved for every bucket; a client
     record beyond that many in its bucket sits this pass out. The number of
     buckets is chosen per query from the client's padded record count as the
-    smallest power of two that gives ``capacity_factor`` slots per record.
+    smallest number of whole slot groups that gives ``capacity_factor`` slots
+    per record.
     """
 
     name: str

@@ -291,7 +291,7 @@ def _many_keys(count: int) -> list[str]:
     return ["".join(rng.choice(list("abcdefgh"), size=5)) for _ in range(count)]
 
 
-@pytest.mark.parametrize("buckets", [1, 2, 64, 4096])
+@pytest.mark.parametrize("buckets", [1, 2, 64, 4096, 37 * 512])
 def test_buckets_lie_in_range(buckets: int) -> None:
     ids = bucket_ids(_many_keys(500), SURNAME_INITIAL, buckets)
 

@@ -40,21 +40,26 @@ def rng() -> np.random.Generator:
 @pytest.mark.parametrize("records", [0, 1, 100, 1000, 5000, 12345])
 @pytest.mark.parametrize("slots_per_bucket", [1, 8, 16, 4096])
 @pytest.mark.parametrize("capacity_factor", [1.0, 1.5, 3.0])
-def test_bucket_count_is_the_smallest_power_of_two_with_enough_slots(
+def test_bucket_count_is_the_fewest_whole_groups_with_enough_slots(
     records: int, slots_per_bucket: int, capacity_factor: float
 ) -> None:
     k = bucket_count(records, slots_per_bucket, capacity_factor)
-    minimum = SLOTS // slots_per_bucket
+    per_group = SLOTS // slots_per_bucket
 
-    assert k & (k - 1) == 0
-    assert k >= minimum
+    assert k % per_group == 0
+    assert k >= per_group
     assert k * slots_per_bucket >= capacity_factor * records
-    assert k == minimum or (k // 2) * slots_per_bucket < capacity_factor * records
+    assert k == per_group or (k - per_group) * slots_per_bucket < capacity_factor * records
 
 
 def test_bucket_count_for_the_demo_client_is_1024() -> None:
-    # 5000 records * 3 slots / 16 per bucket = 937.5: the next power of two.
-    assert bucket_count(5000, 16, 3.0) == 1024
+    # 5120 padded records * 1.5 slots / 8 per bucket = 960: two groups of 512.
+    assert bucket_count(5120, 8, 1.5) == 1024
+
+
+def test_bucket_count_need_not_be_a_power_of_two() -> None:
+    # 100352 * 1.5 / 8 = 18816 buckets: 37 groups of 512 (a power of two: 64).
+    assert bucket_count(100352, 8, 1.5) == 37 * 512
 
 
 @pytest.mark.parametrize(
@@ -250,6 +255,14 @@ def test_slotwise_products_are_scores_against_the_qth_record_of_the_bucket(
                 if q < len(members):
                     expected[slots[row] % SLOTS] = client[row] @ server[members[q]]
             assert np.allclose(got, expected, rtol=0, atol=1e-12)
+
+
+def test_two_shuffles_of_a_deep_bucket_differ_and_every_order_turns_up() -> None:
+    buckets = np.zeros(3, dtype=np.int64)  # one bucket of three records
+
+    orders = {tuple(server_positions(buckets, SHAPE)[0][:, 0]) for _ in range(200)}
+
+    assert len(orders) == 6  # all 3! orders, each with chance 1/6 per draw
 
 
 def test_shuffled_products_score_the_record_named_at_each_position(

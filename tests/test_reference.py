@@ -91,7 +91,7 @@ def test_candidates_share_a_bucket_and_pass_the_threshold(
 ) -> None:
     client, server = prepared
     shapes = pass_shapes(spec, padded_count(len(client)))
-    c_buckets, s_buckets = client.buckets(spec, shapes), server.buckets(spec, shapes)
+    c_buckets, s_buckets = client.buckets(shapes), server.buckets(shapes)
 
     candidates = reference_candidates(spec, client, server)
 
@@ -115,7 +115,7 @@ def test_candidates_miss_no_pair_above_threshold_in_a_shared_bucket(
 
     candidates = reference_candidates(spec, client, server)
 
-    c_buckets, s_buckets = client.buckets(spec, shapes), server.buckets(spec, shapes)
+    c_buckets, s_buckets = client.buckets(shapes), server.buckets(shapes)
     depths = server_depths(spec, s_buckets, shapes)
 
     for per_pass, blocking, c_bucket, s_bucket, depth, shape in zip(
@@ -154,7 +154,7 @@ def test_server_record_beyond_the_depth_in_file_order_finds_nothing() -> None:
     client = prepare({"surname": ["neumann"]}, spec)
     (shape,) = pass_shapes(spec, padded_count(1))
 
-    assert server_depths(spec, server.buckets(spec, [shape]), [shape]) == [6]
+    assert server_depths(spec, server.buckets([shape]), [shape]) == [6]
     assert reference_candidates(spec, client, server) == [{0: [0, 1, 2, 3, 4, 5]}]
 
 
