@@ -56,9 +56,12 @@ class TreeMemory(threading.Thread):
     others (a forked worker's copy-on-write view of the server's data) count
     once in total, split between the sharers, instead of once per process as
     resident sizes would. Where the kernel has no PSS, the resident size.
+    Reading PSS walks the process's page tables (milliseconds for a large
+    process), so it is sampled twice a second, not more, to keep the
+    measurement from slowing what it measures.
     """
 
-    def __init__(self, pid: int, interval: float = 0.05) -> None:
+    def __init__(self, pid: int, interval: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.pid, self.interval, self.peak, self._done = (
             pid,

@@ -13,8 +13,12 @@ dimensions), the cross-tab's products, and the size check's decoys. The
 session's own process still receives the client's ciphertexts, checks them,
 adds the workers' partial sums and sums slots with rotations.
 
-Nothing here unpickles what a peer sent: the workers receive bytes that the
-session process has already checked, plus the server's own arrays.
+Nothing here unpickles what a peer sent: the workers receive the client's
+ciphertexts as bytes (whose SEAL header the session process has checked) and
+check each whole, as :meth:`.he.Ckks.load_ciphertext_untrusted` does, before
+using it; everything else they receive is the server's own. A ciphertext that
+crashed the native library would end a worker and so the session, never the
+listening server.
 """
 
 from __future__ import annotations

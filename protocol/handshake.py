@@ -16,7 +16,9 @@ What crosses the wire:
 
 Who learns what: the server learns the specification, the query, the padded
 record count and the public keys; the client learns the table's labels, the
-server's policy and the largest server bucket per group.
+server's policy and the number of positions per group: the server depth of
+the pass (:func:`.layout.server_depth`), or, for a specification without
+one, the largest server bucket of the group.
 """
 
 from __future__ import annotations

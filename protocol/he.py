@@ -197,6 +197,12 @@ class Ckks:
 
     # -- untrusted bytes ---------------------------------------------------
 
+    def check_ciphertext_header(self, data: bytes) -> None:
+        """The cheap first step of :meth:`load_ciphertext_untrusted`: a length
+        within the cap and a SEAL header that states exactly that length. For
+        bytes passed on to a worker, which runs the whole check before use."""
+        self._check_seal_header(data, MAX_CIPHERTEXT_BYTES, "ciphertext")
+
     def load_ciphertext_untrusted(
         self, data: bytes, level: int, scale: float
     ) -> sa.Ciphertext:

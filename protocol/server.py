@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from . import crosstab, linkage, threshold
+from . import crosstab, threshold
 from .executor import WorkerSetup, open_pool, submit_group, submit_selections
 from .handshake import ServerPolicy, check_client_hello, server_hello
 from .he import Ckks, PublicKeyHolder
@@ -189,10 +189,10 @@ def _linkage(channel, ckks, data, layout, pool, options: SessionOptions) -> None
 
 
 def _receive_queries(channel: Channel, ckks: Ckks, dims: int) -> list[bytes]:
-    """One group's query ciphertexts, each checked before a worker sees it."""
+    """One group's query ciphertexts; each worker checks them whole before use."""
     queries = [channel.recv(Msg.QUERY_CT) for _ in range(dims)]
     for blob in queries:
-        linkage.load_query(ckks, blob)
+        ckks.check_ciphertext_header(blob)
     return queries
 
 
@@ -219,7 +219,7 @@ def _aggregate(channel, ckks, public, layout, work, pool) -> crosstab.CellAccumu
         for positions in groups:
             for row in positions:
                 blob = channel.recv(Msg.SELECTION_CT)
-                crosstab.load_selection(ckks, blob)  # checked before a worker sees it
+                ckks.check_ciphertext_header(blob)  # the worker checks the rest
                 blobs.append(blob)
                 rows.append(row)
             if len(rows) >= SELECTION_BATCH:

@@ -20,12 +20,14 @@ import pandas as pd
 import pytest
 
 from protocol.client import QueryRefused, make_query, run_client
-from protocol.handshake import ServerPolicy
-from protocol.he import DEFAULT_PARAMETERS
+from protocol.framing import ProtocolError
+from protocol.handshake import ServerPolicy, client_hello
+from protocol.he import DEFAULT_PARAMETERS, Ckks, SecretKeyHolder
 from protocol.messages import Channel, Msg
 from protocol.records import linkage_columns
-from protocol.reference import prepare
-from protocol.server import SessionOptions, load_server_data, run_session
+from protocol.reference import pass_shapes, prepare
+from protocol.layout import query_count, server_depth
+from protocol.server import SessionOptions, load_server_data, run_session, session_layout
 from protocol.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,3 +195,67 @@ def test_matching_client_gets_the_table_of_its_links(sessions) -> None:
 
     assert np.all(np.isfinite(result.averages))
     assert result.counts is None
+
+
+def test_positions_announced_depend_only_on_the_server_depth(demo, tmp_path) -> None:
+    # Two servers with different records, and buckets of different depths,
+    # but the same record count class: the client is told the same numbers.
+    _, server = demo
+    policy = ServerPolicy(("state",), ("age",), 2, False)
+    announced = []
+    for part, rows in (("a", slice(0, 900)), ("b", slice(2000, 2600))):
+        path = tmp_path / f"{part}.csv"
+        server.iloc[rows].to_csv(path, index=False)
+        data = load_server_data(path, SPEC, {}, policy)
+        layout = session_layout(data, 1024)
+        shapes = pass_shapes(SPEC, 1024)
+        depths = [server_depth(1024, s.buckets, SPEC.depth_factor) for s in shapes]
+        assert layout.counts() == [[d] * s.groups for d, s in zip(depths, shapes)]
+        deepest = [max(np.bincount(b[b >= 0])) for b in data.records.buckets(shapes)]
+        announced.append((layout.counts(), deepest))
+
+    (counts_a, deepest_a), (counts_b, deepest_b) = announced
+    assert counts_a == counts_b
+    assert deepest_a != deepest_b
+
+
+def test_a_query_at_the_wrong_level_ends_the_session_with_a_protocol_error(
+    server_data,
+) -> None:
+    # The session process checks only the SEAL header; the worker that would
+    # use the ciphertext checks its level and refuses it before any product.
+    ours, theirs = socket.socketpair()
+    server_channel, client_channel = Channel(ours), Channel(theirs)
+    outcome: dict = {}
+
+    def serve() -> None:
+        try:
+            run_session(server_channel, server_data,
+                        SessionOptions(workers=1, progress=False))
+        except Exception as exc:  # inspected below
+            outcome["error"] = exc
+        finally:
+            ours.close()  # as serve_one does: the client's next send fails
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        query = make_query(("state",), "age", 10, DEFAULT_PARAMETERS)
+        client_channel.send_json(Msg.CLIENT_HELLO, client_hello(SPEC, query))
+        hello = client_channel.recv_json(Msg.SERVER_HELLO)
+        groups = sum(len(counts) for counts in hello["positions"])
+        ckks = Ckks(DEFAULT_PARAMETERS)
+        keys = SecretKeyHolder(ckks)
+        for msg, blob in zip((Msg.PUBLIC_KEY, Msg.GALOIS_KEYS), keys.public_bytes()):
+            client_channel.send(msg, blob)
+        top_level = keys.encrypt_to_bytes(np.zeros(ckks.slots))  # queries go at LAST
+        with pytest.raises(OSError):  # the server stops reading and closes
+            for _ in range(groups * query_count(SPEC.dims)):  # as a client streams
+                client_channel.send(Msg.QUERY_CT, top_level)
+        thread.join(timeout=120)
+        ckks.close()
+    finally:
+        theirs.close()
+
+    assert isinstance(outcome.get("error"), ProtocolError)
+    assert "ciphertext refused" in str(outcome["error"])
