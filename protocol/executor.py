@@ -140,7 +140,10 @@ class _WorkerActor:
         return task(self.worker, *args)
 
 
-def open_pool(setup: WorkerSetup, workers: int, ray_address: str | None):
+Pool = LocalPool | RayPool
+
+
+def open_pool(setup: WorkerSetup, workers: int, ray_address: str | None) -> Pool:
     """The local pool, or the Ray pool when a cluster address is given."""
     if ray_address:
         return RayPool(ray_address, workers, setup)

@@ -17,15 +17,21 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import crosstab, threshold
-from .executor import WorkerSetup, open_pool, submit_group, submit_selections
-from .handshake import ServerPolicy, check_client_hello, server_hello
+from .executor import (
+    Pool,
+    WorkerSetup,
+    open_pool,
+    submit_group,
+    submit_selections,
+)
+from .handshake import Query, ServerPolicy, check_client_hello, server_hello
 from .he import Ckks, PublicKeyHolder
 from .layout import PassShape, query_count, server_positions
 from .messages import Channel, Msg
 from .records import linkage_columns, numeric_column, read_csv, require_column
 from .reference import PreparedRecords, pass_shapes, prepare, server_depths
 from .spec import LinkageSpec
-from .table import cell_of_records, table_shape, value_scale
+from .table import TableShape, cell_of_records, table_shape, value_scale
 
 logger = logging.getLogger(__name__)
 
@@ -133,15 +139,19 @@ def run_session(
 
 @dataclass(frozen=True)
 class _Session:
+    """What the last phase needs of the session."""
+
     channel: Channel
     ckks: Ckks
     public: PublicKeyHolder
     data: ServerData
-    query: object
-    pool: object
+    query: Query
+    pool: Pool
 
 
-def _table_work(data: ServerData, shape, query) -> tuple:
+def _table_work(
+    data: ServerData, shape: TableShape, query: Query
+) -> tuple[crosstab.TableWork, crosstab.TableScales]:
     """The per-record cells and scaled values, and this session's secret factors."""
     raw = numeric_column(data.frame, query.value, data.path)
     scales = crosstab.TableScales(
