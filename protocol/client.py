@@ -55,12 +55,13 @@ def run_client(
     clock = time.perf_counter()
     shapes = pass_shapes(spec, query.size_class)
     channel.send_json(Msg.CLIENT_HELLO, client_hello(spec, query))
-    offer = check_server_hello(
-        channel.recv_json(Msg.SERVER_HELLO), query, [s.groups for s in shapes]
-    )
     ckks = Ckks(query.parameters)
     try:
+        # Keys are made while the server lays out its records for this query.
         keys = SecretKeyHolder(ckks)
+        offer = check_server_hello(
+            channel.recv_json(Msg.SERVER_HELLO), query, [s.groups for s in shapes]
+        )
         public_key, galois = keys.public_bytes()
         channel.send(Msg.PUBLIC_KEY, public_key)
         channel.send(Msg.GALOIS_KEYS, galois)
