@@ -128,9 +128,16 @@ def run_session(
         pool = open_pool(setup, options.workers, options.ray_address)
         try:
             _linkage(channel, ckks, data, layout, pool, options)
+            # The size check's decoys need nothing of the cross-tab: the
+            # workers make their totals while the client encrypts selections.
+            decoys = threshold.draw_decoys(
+                shape.cells, data.policy.min_cell_size, query.size_class
+            )
+            decoy_totals = _submit_fresh(pool, decoys.values())
             acc = _aggregate(channel, ckks, public, layout, work, pool)
             session = _Session(channel, ckks, public, data, query, pool)
-            return _size_check_and_table(session, acc, scales)
+            made = (decoys, _collect_fresh(ckks, decoy_totals))
+            return _size_check_and_table(session, acc, scales, made)
         finally:
             pool.close()
     finally:
@@ -252,7 +259,7 @@ def _merge_done(ckks, acc, running: list) -> list:
     return [f for f in running if not f.done()]
 
 
-def _size_check_and_table(session: _Session, acc, scales) -> str:
+def _size_check_and_table(session: _Session, acc, scales, decoys) -> str:
     started = time.perf_counter()
     channel, ckks, public = session.channel, session.ckks, session.public
     policy, query = session.data.policy, session.query
@@ -266,7 +273,8 @@ def _size_check_and_table(session: _Session, acc, scales) -> str:
         acc.check,
         policy.min_cell_size,
         query.size_class,
-        fresh=lambda values: _fresh_on_workers(session, values),
+        fresh=lambda values: _collect_fresh(ckks, _submit_fresh(session.pool, values)),
+        decoys=decoys,
     )
     channel.send_json(Msg.SIZE_CHECK, {"values": len(checks)})
     for ciphertext in checks:
@@ -290,12 +298,16 @@ def _size_check_and_table(session: _Session, acc, scales) -> str:
     return "table"
 
 
-def _fresh_on_workers(session: _Session, values: list[float]) -> list:
-    """threshold.fresh_totals of ``values``, split over the workers, in order."""
-    parts = [p for p in np.array_split(values, session.pool.workers) if len(p)]
-    futures = [session.pool.submit(threshold.fresh_totals, p.tolist()) for p in parts]
+def _submit_fresh(pool: Pool, values: list[float]) -> list:
+    """threshold.fresh_totals of ``values``, split over the workers."""
+    parts = [p for p in np.array_split(values, pool.workers) if len(p)]
+    return [pool.submit(threshold.fresh_totals, p.tolist()) for p in parts]
+
+
+def _collect_fresh(ckks: Ckks, futures: list) -> list:
+    """The totals of :func:`_submit_fresh`, in order, each checked."""
     return [
-        threshold.load_total(session.ckks, data)
+        threshold.load_total(ckks, data)
         for future in futures
         for data in future.result()
     ]

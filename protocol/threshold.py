@@ -81,6 +81,23 @@ class CheckKey:
         return answers[self.slot_of_cell] == (self.cell_signs > 0)
 
 
+@dataclass(frozen=True)
+class Decoys:
+    """The decoys of one check: drawn first, so their totals can be made early."""
+
+    factors: np.ndarray  # sigma * r, as for cells
+    counts: np.ndarray  # the n each decoy pretends to be
+
+    def values(self) -> list[float]:
+        """What each decoy's total holds in every slot: factor * n."""
+        return (self.factors * self.counts).tolist()
+
+
+def draw_decoys(cells: int, min_cell_size: int, size_class: int) -> Decoys:
+    count = decoy_count(cells)
+    return Decoys(check_factors(count), _decoy_counts(count, min_cell_size, size_class))
+
+
 def build_check(
     ckks: Ckks,
     public: PublicKeyHolder,
@@ -89,37 +106,42 @@ def build_check(
     min_cell_size: int,
     size_class: int,
     fresh: Callable[[list[float]], list[sa.Ciphertext]] | None = None,
+    decoys: tuple[Decoys, list[sa.Ciphertext]] | None = None,
 ) -> tuple[list[sa.Ciphertext], CheckKey]:
     """The check ciphertexts for all cells plus decoys, shuffled, and the key.
 
     ``checks[c]`` holds factors[c] * n_c in every slot, or is None when no
     server record of cell c sits at any position (n_c = 0 for certain). The
     offsets are added to those ciphertexts in place: build one check per
-    accumulator. ``fresh`` makes the totals of those empty cells and of the
-    decoys (:func:`fresh_totals`, here or on workers).
+    accumulator. ``fresh`` makes the totals of those empty cells, and of the
+    decoys unless ``decoys`` brings them already made (:func:`fresh_totals`,
+    here or on workers).
     """
     if fresh is None:
 
         def fresh(values: list[float]) -> list[sa.Ciphertext]:
             return [_fresh_total(ckks, public, v) for v in values]
 
-    cells, decoys = len(checks), decoy_count(len(checks))
-    order = _permutation(cells + decoys)
-    decoy_factors = check_factors(decoys)
-    drawn = _decoy_counts(decoys, min_cell_size, size_class)
+    cells = len(checks)
+    if decoys is None:
+        drawn = draw_decoys(cells, min_cell_size, size_class)
+        decoys = drawn, fresh(drawn.values())
+    chosen, decoy_totals = decoys
+    if len(decoy_totals) != decoy_count(cells):
+        raise ValueError(f"{len(decoy_totals)} decoy totals for {cells} cells")
+    order = _permutation(cells + len(decoy_totals))
     empty = [c for c in range(cells) if checks[c] is None]
-    made = fresh([0.0] * len(empty) + (decoy_factors * drawn).tolist())
     totals = list(checks)
-    for c, total in zip(empty, made):
+    for c, total in zip(empty, fresh([0.0] * len(empty)) if empty else []):
         totals[c] = total
-    values: list[sa.Ciphertext | None] = [None] * (cells + decoys)
+    values: list[sa.Ciphertext | None] = [None] * len(order)
     for c in range(cells):
         values[order[c]] = _offset(ckks, public, totals[c], factors[c], min_cell_size)
-    for j, total in enumerate(made[len(empty) :]):
+    for j, total in enumerate(decoy_totals):
         values[order[cells + j]] = _offset(
-            ckks, public, total, decoy_factors[j], min_cell_size
+            ckks, public, total, chosen.factors[j], min_cell_size
         )
-    true_decoy = np.sign(decoy_factors * (drawn - min_cell_size + 0.5))
+    true_decoy = np.sign(chosen.factors * (chosen.counts - min_cell_size + 0.5))
     return values, CheckKey(order[:cells], order[cells:], true_decoy, np.sign(factors))
 
 

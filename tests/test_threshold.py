@@ -201,8 +201,9 @@ def test_totals_made_on_a_worker_give_the_same_verdict(
     decrypt_reply: Decrypt, monkeypatch: pytest.MonkeyPatch,
     totals: Callable[[np.ndarray], crosstab.CellAccumulator],
 ) -> None:
-    # The empty cell's zero and the decoys' values are asked of the worker task,
-    # in that order, and come back as bytes the session checks.
+    # The decoys are drawn first and their totals made on the worker before
+    # the check is built, as the server does during the cross-tab; the empty
+    # cell's zero total is asked of the worker when the check is built.
     monkeypatch.setattr(executor, "_WORKER", [])
     worker = executor.init_worker(
         executor.WorkerSetup(ckks.name, *secret.public_bytes(), np.zeros((1, 2)), 0.5)
@@ -214,17 +215,32 @@ def test_totals_made_on_a_worker_give_the_same_verdict(
         made = threshold.fresh_totals(worker, values)
         return [threshold.load_total(ckks, data) for data in made]
 
+    decoys = threshold.draw_decoys(CELLS, K, SIZE_QUANTUM)
+    early = fresh(decoys.values())
     acc = totals(threshold.check_factors(CELLS))
     checks = [acc.checks[0], None, acc.checks[2]]
     ciphertexts, key = threshold.build_check(ckks, public, checks, acc.check, K,
-                                             SIZE_QUANTUM, fresh=fresh)
+                                             SIZE_QUANTUM, fresh=fresh,
+                                             decoys=(decoys, early))
     worker.ckks.close()
     values = [decrypt_reply(c)[0] for c in ciphertexts]
 
-    assert len(asked_of_worker) == 1
-    assert asked_of_worker[0][0] == 0.0
-    assert len(asked_of_worker[0]) == 1 + threshold.decoy_count(CELLS)
+    assert asked_of_worker[1:] == [[0.0]]
+    assert len(asked_of_worker[0]) == threshold.decoy_count(CELLS)
+    assert len(ciphertexts) == ASKED
     assert key.verdict(honest(np.array(values))).tolist() == [False, False, True]
+
+
+def test_build_check_refuses_decoy_totals_of_the_wrong_count(
+    ckks: Ckks, public: PublicKeyHolder,
+    totals: Callable[[np.ndarray], crosstab.CellAccumulator],
+) -> None:
+    acc = totals(threshold.check_factors(CELLS))
+    decoys = threshold.draw_decoys(CELLS, K, SIZE_QUANTUM)
+
+    with pytest.raises(ValueError, match="decoy totals"):
+        threshold.build_check(ckks, public, acc.checks, acc.check, K, SIZE_QUANTUM,
+                              decoys=(decoys, []))
 
 
 def test_answering_all_ones_is_always_caught_by_the_decoys(at_k: list[Check]) -> None:
