@@ -169,8 +169,3 @@ def key_hashes(keys: Sequence[str], blocking: BlockingPass) -> KeyHashes:
             values[row] = int.from_bytes(digest, "big")
             keyed[row] = True
     return KeyHashes(values, keyed)
-
-
-def bucket_ids(keys: Sequence[str], blocking: BlockingPass, buckets: int) -> np.ndarray:
-    """Bucket of every key in [0, buckets), or -1 for an empty key."""
-    return key_hashes(keys, blocking).buckets(buckets)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import crosstab, linkage
+from . import crosstab, linkage, threshold
 from .crosstab import TableWork
 from .he import Ckks, PublicKeyHolder
 
@@ -150,23 +150,36 @@ def open_pool(setup: WorkerSetup, workers: int, ray_address: str | None) -> Pool
     return LocalPool(workers, setup)
 
 
+def _parts(count: int, workers: int) -> list[np.ndarray]:
+    """Indices 0..count-1 in at most ``workers`` consecutive, non-empty runs."""
+    return [p for p in np.array_split(np.arange(count), workers) if len(p)]
+
+
 def submit_group(pool, query_bytes: list[bytes], positions: np.ndarray) -> list[Future]:
     """Split a group's positions over the workers; futures in position order."""
-    chunks = [c for c in np.array_split(positions, pool.workers) if len(c)]
-    return [pool.submit(linkage.score_rows, query_bytes, chunk) for chunk in chunks]
+    return [
+        pool.submit(linkage.score_rows, query_bytes, positions[part])
+        for part in _parts(len(positions), pool.workers)
+    ]
 
 
 def submit_selections(
     pool, selections: list[bytes], positions: list[np.ndarray]
 ) -> list[Future]:
     """Split selections (one per position row) over the workers for the cross-tab."""
-    indices = np.array_split(np.arange(len(positions)), pool.workers)
-    parts = [p for p in indices if len(p)]
     return [
         pool.submit(
             crosstab.sum_rows,
             [selections[i] for i in part],
             np.stack([positions[i] for i in part]),
         )
-        for part in parts
+        for part in _parts(len(positions), pool.workers)
+    ]
+
+
+def submit_fresh_totals(pool, values: list[float]) -> list[Future]:
+    """Split threshold.fresh_totals of ``values`` over the workers, in order."""
+    return [
+        pool.submit(threshold.fresh_totals, [values[i] for i in part])
+        for part in _parts(len(values), pool.workers)
     ]

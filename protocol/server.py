@@ -21,6 +21,7 @@ from .executor import (
     Pool,
     WorkerSetup,
     open_pool,
+    submit_fresh_totals,
     submit_group,
     submit_selections,
 )
@@ -133,11 +134,10 @@ def run_session(
             decoys = threshold.draw_decoys(
                 shape.cells, data.policy.min_cell_size, query.size_class
             )
-            decoy_totals = _submit_fresh(pool, decoys.values())
+            decoy_totals = submit_fresh_totals(pool, decoys.values())
             acc = _aggregate(channel, ckks, public, layout, work, pool)
             session = _Session(channel, ckks, public, data, query, pool)
-            made = (decoys, _collect_fresh(ckks, decoy_totals))
-            return _size_check_and_table(session, acc, scales, made)
+            return _size_check_and_table(session, acc, scales, decoys, decoy_totals)
         finally:
             pool.close()
     finally:
@@ -259,7 +259,9 @@ def _merge_done(ckks, acc, running: list) -> list:
     return [f for f in running if not f.done()]
 
 
-def _size_check_and_table(session: _Session, acc, scales, decoys) -> str:
+def _size_check_and_table(
+    session: _Session, acc, scales, decoys: threshold.Decoys, decoy_totals: list
+) -> str:
     started = time.perf_counter()
     channel, ckks, public = session.channel, session.ckks, session.public
     policy, query = session.data.policy, session.query
@@ -273,8 +275,10 @@ def _size_check_and_table(session: _Session, acc, scales, decoys) -> str:
         acc.check,
         policy.min_cell_size,
         query.size_class,
-        fresh=lambda values: _collect_fresh(ckks, _submit_fresh(session.pool, values)),
-        decoys=decoys,
+        fresh=lambda values: _collect_fresh(
+            ckks, submit_fresh_totals(session.pool, values)
+        ),
+        decoys=(decoys, _collect_fresh(ckks, decoy_totals)),
     )
     channel.send_json(Msg.SIZE_CHECK, {"values": len(checks)})
     for ciphertext in checks:
@@ -298,14 +302,8 @@ def _size_check_and_table(session: _Session, acc, scales, decoys) -> str:
     return "table"
 
 
-def _submit_fresh(pool: Pool, values: list[float]) -> list:
-    """threshold.fresh_totals of ``values``, split over the workers."""
-    parts = [p for p in np.array_split(values, pool.workers) if len(p)]
-    return [pool.submit(threshold.fresh_totals, p.tolist()) for p in parts]
-
-
 def _collect_fresh(ckks: Ckks, futures: list) -> list:
-    """The totals of :func:`_submit_fresh`, in order, each checked."""
+    """The totals of :func:`.executor.submit_fresh_totals`, in order, each checked."""
     return [
         threshold.load_total(ckks, data)
         for future in futures

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from protocol.encoding import (
-    bucket_ids,
     encode_field,
     encode_records,
+    key_hashes,
     key_strings,
     normalise,
     qgrams,
@@ -253,7 +253,7 @@ def test_odd_number_of_qgrams_in_one_coordinate_cannot_cancel() -> None:
     assert abs(vector[0, 0]) == 1.0
 
 
-# key_strings and bucket_ids
+# key_strings and key_hashes
 
 
 SURNAME_INITIAL = BlockingPass(
@@ -293,26 +293,26 @@ def _many_keys(count: int) -> list[str]:
 
 @pytest.mark.parametrize("buckets", [1, 2, 64, 4096, 37 * 512])
 def test_buckets_lie_in_range(buckets: int) -> None:
-    ids = bucket_ids(_many_keys(500), SURNAME_INITIAL, buckets)
+    ids = key_hashes(_many_keys(500), SURNAME_INITIAL).buckets(buckets)
 
     assert ids.min() >= 0 and ids.max() < buckets
 
 
 def test_many_keys_spread_over_many_buckets() -> None:
-    ids = bucket_ids(_many_keys(500), SURNAME_INITIAL, 64)
+    ids = key_hashes(_many_keys(500), SURNAME_INITIAL).buckets(64)
 
     assert len(set(ids.tolist())) > 48
 
 
 def test_empty_key_has_bucket_minus_one() -> None:
-    ids = bucket_ids(["", "n550|m", ""], SURNAME_INITIAL, 256)
+    ids = key_hashes(["", "n550|m", ""], SURNAME_INITIAL).buckets(256)
 
     assert ids[0] == -1 and ids[2] == -1
     assert 0 <= ids[1] < 256
 
 
 def test_equal_keys_share_a_bucket() -> None:
-    ids = bucket_ids(["n550|m", "r163|a", "n550|m"], SURNAME_INITIAL, 1024)
+    ids = key_hashes(["n550|m", "r163|a", "n550|m"], SURNAME_INITIAL).buckets(1024)
 
     assert ids[0] == ids[2]
 
@@ -321,8 +321,8 @@ def test_equal_keys_share_a_bucket() -> None:
 def test_bucket_at_twice_the_count_refines_the_bucket(buckets: int) -> None:
     keys = _many_keys(500) + [""]
 
-    coarse = bucket_ids(keys, SURNAME_INITIAL, buckets)
-    fine = bucket_ids(keys, SURNAME_INITIAL, 2 * buckets)
+    coarse = key_hashes(keys, SURNAME_INITIAL).buckets(buckets)
+    fine = key_hashes(keys, SURNAME_INITIAL).buckets(2 * buckets)
 
     assert np.array_equal(fine[:-1] % buckets, coarse[:-1])
     assert fine[-1] == coarse[-1] == -1
@@ -332,7 +332,7 @@ def test_pass_name_salts_the_buckets() -> None:
     other = BlockingPass("another-pass", SURNAME_INITIAL.parts, 16)
     keys = _many_keys(200)
 
-    ours = bucket_ids(keys, SURNAME_INITIAL, 1024)
-    theirs = bucket_ids(keys, other, 1024)
+    ours = key_hashes(keys, SURNAME_INITIAL).buckets(1024)
+    theirs = key_hashes(keys, other).buckets(1024)
 
     assert (ours != theirs).mean() > 0.9
