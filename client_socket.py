@@ -135,17 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_spec(args.spec)
         frame = read_csv(args.data)
-        records = prepare(
-            linkage_columns(frame, spec, parse_mapping(args.columns), args.data), spec
-        )
+        columns = linkage_columns(frame, spec, parse_mapping(args.columns), args.data)
     except (SpecError, InputError) as exc:
         print(f"client: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    query = make_query(args.group_by, args.value, len(records), DEFAULT_PARAMETERS)
+    query = make_query(args.group_by, args.value, len(frame), DEFAULT_PARAMETERS)
     try:
         with connect(args.host, args.port, args.wait) as sock:
             channel = Channel(sock)
-            result = _run(channel, spec, query, records, not args.quiet)
+            # The records are encoded once the keys are sent, while the
+            # server starts its workers.
+            result = _run(
+                channel, spec, query, lambda: prepare(columns, spec), not args.quiet
+            )
     except KeyboardInterrupt:
         print("client: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"client: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_PROTOCOL
     print(
-        f"linked {int(result.matched.sum())} of {len(records)} records", file=sys.stderr
+        f"linked {int(result.matched.sum())} of {len(frame)} records", file=sys.stderr
     )
     print(format_table(result.shape, result.averages, result.counts))
     if args.output:

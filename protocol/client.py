@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,10 +48,14 @@ def run_client(
     channel: Channel,
     spec: LinkageSpec,
     query: Query,
-    records: PreparedRecords,
+    records: PreparedRecords | Callable[[], PreparedRecords],
     progress: bool = True,
 ) -> ClientResult:
-    """Run every phase; raises QueryRefused, ProtocolError or OSError."""
+    """Run every phase; raises QueryRefused, ProtocolError or OSError.
+
+    ``records`` may be a function that encodes them: it is called once the
+    keys are sent, so that the encoding overlaps the server's setup.
+    """
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     shapes = pass_shapes(spec, query.size_class)
@@ -66,12 +71,13 @@ def run_client(
         channel.send(Msg.PUBLIC_KEY, public_key)
         channel.send(Msg.GALOIS_KEYS, galois)
         seconds["handshake"], clock = time.perf_counter() - clock, time.perf_counter()
-        candidates, slots = _linkage(
+        if callable(records):
+            records = records()
+        candidates, matched = _linkage(
             channel, keys, spec, shapes, offer, records, progress
         )
-        seconds["linkage"], clock = time.perf_counter() - clock, time.perf_counter()
-        matched = _send_selection(channel, keys, candidates, slots, offer, progress)
-        seconds["selection"], clock = time.perf_counter() - clock, time.perf_counter()
+        seconds["linkage and selection"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         averages, counts = _size_check_and_table(channel, keys, offer)
         seconds["size check and table"] = time.perf_counter() - clock
     finally:
@@ -80,40 +86,48 @@ def run_client(
 
 
 def _linkage(channel, keys, spec, shapes, offer, records, progress):
-    """Send every group while a second thread reads the signs back.
+    """Send every group, and each pass's selection, while a second thread
+    reads the signs back.
 
     The server answers a group while the next one is on its way, so the
-    client's encryption overlaps the server's arithmetic. Returns
-    candidates[pass][row] = [(group, position)] and each pass's slots.
+    client's encryption overlaps the server's arithmetic. A pass's selection
+    goes out after the next pass's queries, by which time its signs are all
+    back, so the server sums it while the next pass is scored. Returns
+    candidates[pass][row] = [(group, position)] and which rows matched.
     """
     slots = [client_slots(b, s) for b, s in zip(records.buckets(shapes), shapes)]
     reader = _ScoreReader(channel, keys, slots, offer.positions, progress)
     reader.start()
-    total = sum(s.groups for s in shapes)
+    matched = np.zeros(len(records), dtype=bool)
+    bar = tqdm(
+        total=sum(s.groups for s in shapes),
+        desc="client: encrypt and link",
+        unit="group",
+        disable=not progress,
+    )
     try:
-        with tqdm(
-            total=total,
-            desc="client: encrypt and link",
-            unit="group",
-            disable=not progress,
-        ) as bar:
-            for slot, counts in zip(slots, offer.positions):
-                for g in range(len(counts)):
-                    for row in pair_rows(client_group_matrix(records.vectors, slot, g)):
-                        channel.send(
-                            Msg.QUERY_CT,
-                            keys.encrypt_to_bytes(
-                                row, linkage.QUERY_LEVEL, linkage.QUERY_SCALE
-                            ),
-                        )
-                    bar.update()
+        for p, (slot, counts) in enumerate(zip(slots, offer.positions)):
+            for g in range(len(counts)):
+                for row in pair_rows(client_group_matrix(records.vectors, slot, g)):
+                    channel.send(
+                        Msg.QUERY_CT,
+                        keys.encrypt_to_bytes(
+                            row, linkage.QUERY_LEVEL, linkage.QUERY_SCALE
+                        ),
+                    )
+                bar.update()
+            if p > 0:
+                _send_selection(channel, keys, reader, p - 1, matched)
+        _send_selection(channel, keys, reader, len(slots) - 1, matched)
     except OSError:
         reader.join()
         reader.raise_failure()
         raise
+    finally:
+        bar.close()
     reader.join()
     reader.raise_failure()
-    return reader.candidates, slots
+    return reader.candidates, matched
 
 
 class _ScoreReader(threading.Thread):
@@ -136,15 +150,30 @@ class _ScoreReader(threading.Thread):
         )
         self.candidates: list[dict[int, list[tuple[int, int]]]] = []
         self.failure: BaseException | None = None
+        self._passes = threading.Condition()
 
     def run(self) -> None:
         try:
             for slot, counts in zip(self.slots, self.positions):
-                self.candidates.append(self._one_pass(slot, counts))
+                found = self._one_pass(slot, counts)
+                with self._passes:
+                    self.candidates.append(found)
+                    self._passes.notify_all()
         except BaseException as exc:  # handed to the main thread
-            self.failure = exc
+            with self._passes:
+                self.failure = exc
+                self._passes.notify_all()
         finally:
             self.bar.close()
+
+    def wait_pass(self, p: int) -> dict[int, list[tuple[int, int]]]:
+        """Pass p's candidates, once all its signs are in; re-raises a failure."""
+        with self._passes:
+            self._passes.wait_for(
+                lambda: len(self.candidates) > p or self.failure is not None
+            )
+        self.raise_failure()
+        return self.candidates[p]
 
     def _one_pass(self, slot, counts) -> dict[int, list[tuple[int, int]]]:
         found: dict[int, list[tuple[int, int]]] = {}
@@ -163,23 +192,17 @@ class _ScoreReader(threading.Thread):
             raise self.failure
 
 
-def _send_selection(channel, keys, candidates, slots, offer, progress) -> np.ndarray:
-    """Encrypt the links of the rule's step 2 (first pass with any candidate)."""
-    matched = np.zeros(len(slots[0]), dtype=bool)
-    total = sum(sum(c) for c in offer.positions)
-    with tqdm(
-        total=total, desc="client: encrypt selection", unit="ct", disable=not progress
-    ) as bar:
-        for found, slot, counts in zip(candidates, slots, offer.positions):
-            by_group = _links_by_group(found, slot, matched)
-            for g, depth in enumerate(counts):
-                selection = np.zeros((depth, SLOTS))
-                for q, local in by_group.get(g, []):
-                    selection[q, local] = 1.0
-                for q in range(depth):
-                    channel.send(Msg.SELECTION_CT, keys.encrypt_to_bytes(selection[q]))
-                    bar.update()
-    return matched
+def _send_selection(channel, keys, reader: _ScoreReader, p: int, matched) -> None:
+    """Encrypt pass p's links under the rule's step 2 (each row keeps the
+    candidates of its first pass that has any): one ciphertext per position.
+    Marks the rows it links in ``matched``."""
+    by_group = _links_by_group(reader.wait_pass(p), reader.slots[p], matched)
+    for g, depth in enumerate(reader.positions[p]):
+        selection = np.zeros((depth, SLOTS))
+        for q, local in by_group.get(g, []):
+            selection[q, local] = 1.0
+        for q in range(depth):
+            channel.send(Msg.SELECTION_CT, keys.encrypt_to_bytes(selection[q]))
 
 
 def _links_by_group(found, slot, matched: np.ndarray) -> dict[int, list]:

@@ -3,7 +3,8 @@
 Workers each build the CKKS context and load the client's public keys once per
 session (:func:`init_worker`), then run tasks: module-level functions that
 take the worker's state first, :func:`protocol.linkage.score_rows`,
-:func:`protocol.crosstab.sum_rows` and :func:`protocol.threshold.fresh_totals`.
+:func:`protocol.crosstab.sum_rows`, :func:`protocol.threshold.decoy_checks`
+and :func:`protocol.threshold.fresh_totals`.
 TenSEAL holds Python's interpreter lock, so threads would not help; processes
 (local) or Ray actors (one per worker, anywhere in the cluster) do.
 
@@ -174,6 +175,22 @@ def submit_selections(
             np.stack([positions[i] for i in part]),
         )
         for part in _parts(len(positions), pool.workers)
+    ]
+
+
+def submit_decoy_checks(
+    pool, decoys: threshold.Decoys, min_cell_size: int
+) -> list[Future]:
+    """Split threshold.decoy_checks of ``decoys`` over the workers, in order."""
+    factors, counts = decoys.factors.tolist(), decoys.counts.tolist()
+    return [
+        pool.submit(
+            threshold.decoy_checks,
+            [factors[i] for i in part],
+            [counts[i] for i in part],
+            min_cell_size,
+        )
+        for part in _parts(len(factors), pool.workers)
     ]
 
 

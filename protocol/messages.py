@@ -7,11 +7,15 @@ Rules of the conversation, in order (C = client, S = server):
     C PUBLIC_KEY, C GALOIS_KEYS
     linkage, per group:   C QUERY_CT x dims/2, S SCORE_CT x positions (the
                           client streams its groups; the server answers each)
-    C SELECTION_CT x (all positions of all groups)
+    selection, per pass:  C SELECTION_CT x (positions of the pass), sent
+                          after the next pass's queries (the last pass's
+                          after its own), so the linkage of one pass and the
+                          cross-tab of the one before it overlap
     S SIZE_CHECK + S SIZE_CHECK_CT x m, C SIZE_CHECK_SIGNS
     S TABLE + S TABLE_CT x cells (x 2 if counts are revealed), or S REFUSED
-    (also right after the selections, or after the queries when there is no
-    position at all, when no server record of any cell sits at any position)
+    (also right after the last selections, or after the queries when there
+    is no position at all, when no server record of any cell sits at any
+    position)
     ERROR may come from either side at any point; it ends the session.
 
 Every frame sent or received goes through :class:`Channel`, which refuses a
@@ -80,7 +84,6 @@ class State(enum.Enum):
     AWAIT_PUBLIC_KEY = "await public key"
     AWAIT_GALOIS_KEYS = "await Galois keys"
     LINKAGE = "linkage"
-    SELECTION = "selection"
     SIZE_CHECK = "size check"
     AWAIT_SIGNS = "await signs"
     AWAIT_RESULT = "await result"
@@ -97,11 +100,7 @@ TRANSITIONS: dict[State, dict[Msg, State]] = {
     State.LINKAGE: {
         Msg.QUERY_CT: State.LINKAGE,
         Msg.SCORE_CT: State.LINKAGE,
-        Msg.SELECTION_CT: State.SELECTION,
-        Msg.REFUSED: State.DONE,
-    },
-    State.SELECTION: {
-        Msg.SELECTION_CT: State.SELECTION,
+        Msg.SELECTION_CT: State.LINKAGE,
         Msg.SIZE_CHECK: State.SIZE_CHECK,
         Msg.REFUSED: State.DONE,
     },

@@ -21,6 +21,7 @@ from .executor import (
     Pool,
     WorkerSetup,
     open_pool,
+    submit_decoy_checks,
     submit_fresh_totals,
     submit_group,
     submit_selections,
@@ -128,16 +129,17 @@ def run_session(
         )
         pool = open_pool(setup, options.workers, options.ray_address)
         try:
-            _linkage(channel, ckks, data, layout, pool, options)
-            # The size check's decoys need nothing of the cross-tab: the
-            # workers make their totals while the client encrypts selections.
+            # The size check's decoys need nothing of the client's records:
+            # the workers make them while the client encrypts its first group.
             decoys = threshold.draw_decoys(
                 shape.cells, data.policy.min_cell_size, query.size_class
             )
-            decoy_totals = submit_fresh_totals(pool, decoys.values())
-            acc = _aggregate(channel, ckks, public, layout, work, pool)
+            decoy_checks = submit_decoy_checks(pool, decoys, data.policy.min_cell_size)
+            acc = _linkage_and_selection(
+                channel, ckks, public, data, layout, work, pool, options
+            )
             session = _Session(channel, ckks, public, data, query, pool)
-            return _size_check_and_table(session, acc, scales, decoys, decoy_totals)
+            return _size_check_and_table(session, acc, scales, decoys, decoy_checks)
         finally:
             pool.close()
     finally:
@@ -175,34 +177,47 @@ def _table_work(
     return work, scales
 
 
-def _linkage(channel, ckks, data, layout, pool, options: SessionOptions) -> None:
-    """Score every group; group g+1 is received while the workers compute group g."""
+def _linkage_and_selection(
+    channel, ckks, public, data, layout, work, pool, options: SessionOptions
+) -> crosstab.CellAccumulator:
+    """Score every group and sum every pass's selections, in the order of
+    :mod:`.messages`: group g+1 is received while the workers score group g,
+    and a pass's selections are received after the next pass's queries, to be
+    summed on the workers while that pass is scored."""
     started = time.perf_counter()
-    groups = [p for passes in layout.positions for p in passes]
+    sums = _SelectionSums(ckks, work, pool)
     with tqdm(
-        total=len(groups),
+        total=sum(len(groups) for groups in layout.positions),
         desc="server: linkage",
         unit="group",
         disable=not options.progress,
     ) as bar:
         pending = None
-        for positions in groups:
-            queries = _receive_queries(channel, ckks, query_count(data.spec.dims))
-            submitted = submit_group(pool, queries, positions)
-            if pending is not None:
-                _send_scores(channel, pending, bar)
-            pending = submitted
+        for p, groups in enumerate(layout.positions):
+            for positions in groups:
+                queries = _receive_queries(channel, ckks, query_count(data.spec.dims))
+                submitted = submit_group(pool, queries, positions)
+                if pending is not None:
+                    _send_scores(channel, pending, bar)
+                pending = submitted
+            if p > 0:
+                sums.receive(channel, layout.positions[p - 1])
         if pending is not None:
             _send_scores(channel, pending, bar)
+        if layout.positions:
+            sums.receive(channel, layout.positions[-1])
+    acc = sums.finish(public)
     positions = sum(sum(c) for c in layout.counts())
     _log_phase(
-        "linkage",
+        "linkage and selection",
         started,
         channel,
-        groups=len(groups),
+        groups=sum(len(groups) for groups in layout.positions),
         positions=positions,
         products=positions * query_count(data.spec.dims),
+        cells=acc.cells,
     )
+    return acc
 
 
 def _receive_queries(channel: Channel, ckks: Ckks, dims: int) -> list[bytes]:
@@ -220,47 +235,59 @@ def _send_scores(channel: Channel, futures, bar) -> None:
     bar.update()
 
 
-# Positions per cross-tab batch, at least: each task returns partial sums for
-# every cell, so batches much smaller than this cost more to merge than to sum.
+# Positions per cross-tab batch within a pass, at least: each task returns
+# partial sums for every cell, so batches much smaller than this cost more to
+# merge than to sum. A pass's remainder goes at the end of the pass.
 SELECTION_BATCH = 32
 
 
-def _aggregate(channel, ckks, public, layout, work, pool) -> crosstab.CellAccumulator:
-    """Receive the selections and sum them on the workers, batch by batch."""
-    started = time.perf_counter()
-    acc = work.accumulator()
-    blobs: list[bytes] = []
-    rows: list[np.ndarray] = []
-    running: list = []
-    for groups in layout.positions:
+class _SelectionSums:
+    """The cross-tab's running sums: selections go to the workers in batches,
+    and their partial sums are merged here as they finish."""
+
+    def __init__(self, ckks: Ckks, work: crosstab.TableWork, pool: Pool) -> None:
+        self.ckks, self.pool = ckks, pool
+        self.acc = work.accumulator()
+        self._blobs: list[bytes] = []
+        self._rows: list[np.ndarray] = []
+        self._running: list = []
+
+    def receive(self, channel: Channel, groups: list[np.ndarray]) -> None:
+        """One pass's selections: one ciphertext per position, in order."""
         for positions in groups:
             for row in positions:
                 blob = channel.recv(Msg.SELECTION_CT)
-                ckks.check_ciphertext_header(blob)  # the worker checks the rest
-                blobs.append(blob)
-                rows.append(row)
-            if len(rows) >= SELECTION_BATCH:
-                running += submit_selections(pool, blobs, rows)
-                blobs, rows = [], []
-                running = _merge_done(ckks, acc, running)
-    if rows:
-        running += submit_selections(pool, blobs, rows)
-    for future in running:
-        crosstab.merge_partial(ckks, acc, future.result())
-    crosstab.finish_totals(ckks, acc, public.galois_keys)
-    _log_phase("cross-tab sums", started, channel, cells=acc.cells)
-    return acc
+                self.ckks.check_ciphertext_header(blob)  # the worker checks the rest
+                self._blobs.append(blob)
+                self._rows.append(row)
+            if len(self._rows) >= SELECTION_BATCH:
+                self._submit()
+        if self._rows:
+            self._submit()  # summed while the next pass is scored
+        self._merge(wait=False)
 
+    def finish(self, public: PublicKeyHolder) -> crosstab.CellAccumulator:
+        """Every partial sum merged, rescaled and summed over the slots."""
+        self._merge(wait=True)
+        crosstab.finish_totals(self.ckks, self.acc, public.galois_keys)
+        return self.acc
 
-def _merge_done(ckks, acc, running: list) -> list:
-    """Merge the partial sums of finished tasks; returns those still running."""
-    for future in [f for f in running if f.done()]:
-        crosstab.merge_partial(ckks, acc, future.result())
-    return [f for f in running if not f.done()]
+    def _submit(self) -> None:
+        self._running += submit_selections(self.pool, self._blobs, self._rows)
+        self._blobs, self._rows = [], []
+
+    def _merge(self, wait: bool) -> None:
+        still = []
+        for future in self._running:
+            if wait or future.done():
+                crosstab.merge_partial(self.ckks, self.acc, future.result())
+            else:
+                still.append(future)
+        self._running = still
 
 
 def _size_check_and_table(
-    session: _Session, acc, scales, decoys: threshold.Decoys, decoy_totals: list
+    session: _Session, acc, scales, decoys: threshold.Decoys, decoy_checks: list
 ) -> str:
     started = time.perf_counter()
     channel, ckks, public = session.channel, session.ckks, session.public
@@ -278,7 +305,7 @@ def _size_check_and_table(
         fresh=lambda values: _collect_fresh(
             ckks, submit_fresh_totals(session.pool, values)
         ),
-        decoys=(decoys, _collect_fresh(ckks, decoy_totals)),
+        decoys=(decoys, _collect_fresh(ckks, decoy_checks)),
     )
     channel.send_json(Msg.SIZE_CHECK, {"values": len(checks)})
     for ciphertext in checks:
@@ -303,7 +330,8 @@ def _size_check_and_table(
 
 
 def _collect_fresh(ckks: Ckks, futures: list) -> list:
-    """The totals of :func:`.executor.submit_fresh_totals`, in order, each checked."""
+    """The ciphertexts of :func:`.executor.submit_fresh_totals` or
+    :func:`.executor.submit_decoy_checks`, in order, each checked."""
     return [
         threshold.load_total(ckks, data)
         for future in futures

@@ -114,8 +114,8 @@ def build_check(
     server record of cell c sits at any position (n_c = 0 for certain). The
     offsets are added to those ciphertexts in place: build one check per
     accumulator. ``fresh`` makes the totals of those empty cells, and of the
-    decoys unless ``decoys`` brings them already made (:func:`fresh_totals`,
-    here or on workers).
+    decoys unless ``decoys`` brings their finished check values, made before
+    (:func:`decoy_checks`, on the workers).
     """
     if fresh is None:
 
@@ -125,11 +125,18 @@ def build_check(
     cells = len(checks)
     if decoys is None:
         drawn = draw_decoys(cells, min_cell_size, size_class)
-        decoys = drawn, fresh(drawn.values())
-    chosen, decoy_totals = decoys
-    if len(decoy_totals) != decoy_count(cells):
-        raise ValueError(f"{len(decoy_totals)} decoy totals for {cells} cells")
-    order = _permutation(cells + len(decoy_totals))
+        made = fresh(drawn.values())
+        decoys = (
+            drawn,
+            [
+                _offset(ckks, public, total, factor, min_cell_size)
+                for total, factor in zip(made, drawn.factors)
+            ],
+        )
+    chosen, decoy_values = decoys
+    if len(decoy_values) != decoy_count(cells):
+        raise ValueError(f"{len(decoy_values)} decoy values for {cells} cells")
+    order = _permutation(cells + len(decoy_values))
     empty = [c for c in range(cells) if checks[c] is None]
     totals = list(checks)
     for c, total in zip(empty, fresh([0.0] * len(empty)) if empty else []):
@@ -137,10 +144,8 @@ def build_check(
     values: list[sa.Ciphertext | None] = [None] * len(order)
     for c in range(cells):
         values[order[c]] = _offset(ckks, public, totals[c], factors[c], min_cell_size)
-    for j, total in enumerate(decoy_totals):
-        values[order[cells + j]] = _offset(
-            ckks, public, total, chosen.factors[j], min_cell_size
-        )
+    for j, value in enumerate(decoy_values):
+        values[order[cells + j]] = value
     true_decoy = np.sign(chosen.factors * (chosen.counts - min_cell_size + 0.5))
     return values, CheckKey(order[:cells], order[cells:], true_decoy, np.sign(factors))
 
@@ -167,8 +172,24 @@ def fresh_totals(worker: Worker, values: list[float]) -> list[bytes]:
     ]
 
 
+def decoy_checks(
+    worker: Worker, factors: list[float], counts: list[float], min_cell_size: int
+) -> list[bytes]:
+    """Worker task: finished check values of decoys, serialised: a total made
+    as a real cell's is (:func:`_fresh_total` of factor * n), then offset and
+    re-randomised as a real cell's check is."""
+    ckks, public = worker.ckks, worker.public
+    return [
+        ckks.to_bytes(
+            _offset(ckks, public, _fresh_total(ckks, public, f * n), f, min_cell_size)
+        )
+        for f, n in zip(factors, counts)
+    ]
+
+
 def load_total(ckks: Ckks, data: bytes) -> sa.Ciphertext:
-    """A summed total from a worker, checked: last level, the final scale."""
+    """A summed total or a decoy's check value from a worker, checked: last
+    level, the final scale."""
     return ckks.load_ciphertext_untrusted(data, LAST, ckks.final_scale())
 
 

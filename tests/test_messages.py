@@ -19,13 +19,16 @@ from protocol.messages import (
 )
 
 # One whole session in the order of the module docstring: (sender, message).
-# Two groups of two query ciphertexts; three size-check values; three cells.
+# Two passes of one group of two query ciphertexts, one position each; the
+# first pass's selection comes after the second pass's queries; three
+# size-check values; three cells.
 SESSION = [
     ("client", Msg.CLIENT_HELLO), ("server", Msg.SERVER_HELLO),
     ("client", Msg.PUBLIC_KEY), ("client", Msg.GALOIS_KEYS),
+    ("client", Msg.QUERY_CT), ("client", Msg.QUERY_CT),
     ("client", Msg.QUERY_CT), ("client", Msg.QUERY_CT), ("server", Msg.SCORE_CT),
-    ("client", Msg.QUERY_CT), ("client", Msg.QUERY_CT), ("server", Msg.SCORE_CT),
-    ("client", Msg.SELECTION_CT), ("client", Msg.SELECTION_CT),
+    ("client", Msg.SELECTION_CT), ("server", Msg.SCORE_CT),
+    ("client", Msg.SELECTION_CT),
     ("server", Msg.SIZE_CHECK), ("server", Msg.SIZE_CHECK_CT),
     ("server", Msg.SIZE_CHECK_CT), ("server", Msg.SIZE_CHECK_CT),
     ("client", Msg.SIZE_CHECK_SIGNS), ("server", Msg.TABLE), ("server", Msg.TABLE_CT),
@@ -100,7 +103,7 @@ def test_repeated_messages_loop_only_on_their_own_states() -> None:
 
     assert loops == {
         (State.LINKAGE, Msg.QUERY_CT), (State.LINKAGE, Msg.SCORE_CT),
-        (State.SELECTION, Msg.SELECTION_CT), (State.AWAIT_SIGNS, Msg.SIZE_CHECK_CT),
+        (State.LINKAGE, Msg.SELECTION_CT), (State.AWAIT_SIGNS, Msg.SIZE_CHECK_CT),
         (State.TABLE_CT, Msg.TABLE_CT),
     }
 

@@ -201,9 +201,9 @@ def test_totals_made_on_a_worker_give_the_same_verdict(
     decrypt_reply: Decrypt, monkeypatch: pytest.MonkeyPatch,
     totals: Callable[[np.ndarray], crosstab.CellAccumulator],
 ) -> None:
-    # The decoys are drawn first and their totals made on the worker before
-    # the check is built, as the server does during the cross-tab; the empty
-    # cell's zero total is asked of the worker when the check is built.
+    # The decoys are drawn first and their check values made on the worker
+    # before the check is built, as the server does while the client encrypts;
+    # the empty cell's zero total is asked of the worker when the check is built.
     monkeypatch.setattr(executor, "_WORKER", [])
     worker = executor.init_worker(
         executor.WorkerSetup(ckks.name, *secret.public_bytes(), np.zeros((1, 2)), 0.5)
@@ -216,7 +216,8 @@ def test_totals_made_on_a_worker_give_the_same_verdict(
         return [threshold.load_total(ckks, data) for data in made]
 
     decoys = threshold.draw_decoys(CELLS, K, SIZE_QUANTUM)
-    early = fresh(decoys.values())
+    early = [threshold.load_total(ckks, data) for data in threshold.decoy_checks(
+        worker, decoys.factors.tolist(), decoys.counts.tolist(), K)]
     acc = totals(threshold.check_factors(CELLS))
     checks = [acc.checks[0], None, acc.checks[2]]
     ciphertexts, key = threshold.build_check(ckks, public, checks, acc.check, K,
@@ -225,8 +226,8 @@ def test_totals_made_on_a_worker_give_the_same_verdict(
     worker.ckks.close()
     values = [decrypt_reply(c)[0] for c in ciphertexts]
 
-    assert asked_of_worker[1:] == [[0.0]]
-    assert len(asked_of_worker[0]) == threshold.decoy_count(CELLS)
+    assert asked_of_worker == [[0.0]]
+    assert len(early) == threshold.decoy_count(CELLS)
     assert len(ciphertexts) == ASKED
     assert key.verdict(honest(np.array(values))).tolist() == [False, False, True]
 
@@ -238,7 +239,7 @@ def test_build_check_refuses_decoy_totals_of_the_wrong_count(
     acc = totals(threshold.check_factors(CELLS))
     decoys = threshold.draw_decoys(CELLS, K, SIZE_QUANTUM)
 
-    with pytest.raises(ValueError, match="decoy totals"):
+    with pytest.raises(ValueError, match="decoy values"):
         threshold.build_check(ckks, public, acc.checks, acc.check, K, SIZE_QUANTUM,
                               decoys=(decoys, []))
 
