@@ -91,14 +91,32 @@ class FieldHasher:
 
 
 def encode_field(values: Sequence[object], dims: int, name: str, q: int) -> np.ndarray:
-    """Unit-length signed q-gram count vectors of one field (zero if empty)."""
+    """Unit-length signed q-gram count vectors of one field (zero if empty).
+
+    Each distinct value is encoded once (names, suburbs and postcodes repeat
+    across many records) and the counts are added up in one numpy call.
+    """
     hasher = FieldHasher(name, dims)
-    out = np.zeros((len(values), dims), dtype=np.float64)
-    for row, value in enumerate(values):
-        for gram in qgrams(normalise(value), q):
+    distinct: dict[str, int] = {}
+    index = np.fromiter(
+        (distinct.setdefault(normalise(v), len(distinct)) for v in values),
+        dtype=np.int64,
+        count=len(values),
+    )
+    rows, columns, signs = [], [], []
+    for row, text in enumerate(distinct):
+        for gram in qgrams(text, q):
             column, sign = hasher(gram)
-            out[row, column] += sign
-    return _unit_rows(out)
+            rows.append(row)
+            columns.append(column)
+            signs.append(sign)
+    table = np.zeros((len(distinct), dims), dtype=np.float64)
+    np.add.at(
+        table,
+        (np.array(rows, dtype=np.int64), np.array(columns, dtype=np.int64)),
+        signs,
+    )
+    return _unit_rows(table)[index]
 
 
 def encode_records(
