@@ -156,11 +156,14 @@ def _parts(count: int, workers: int) -> list[np.ndarray]:
     return [p for p in np.array_split(np.arange(count), workers) if len(p)]
 
 
-def submit_group(pool, query_bytes: list[bytes], positions: np.ndarray) -> list[Future]:
-    """Split a group's positions over the workers; futures in position order."""
+def submit_group(
+    pool, query_bytes: list[bytes], positions: np.ndarray, split: bool = True
+) -> list[Future]:
+    """A group's positions as one task, or split over the workers (each then
+    loads all the group's queries); futures in position order."""
+    parts = _parts(len(positions), pool.workers if split else 1)
     return [
-        pool.submit(linkage.score_rows, query_bytes, positions[part])
-        for part in _parts(len(positions), pool.workers)
+        pool.submit(linkage.score_rows, query_bytes, positions[part]) for part in parts
     ]
 
 

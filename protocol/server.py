@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,31 +182,46 @@ def _linkage_and_selection(
     channel, ckks, public, data, layout, work, pool, options: SessionOptions
 ) -> crosstab.CellAccumulator:
     """Score every group and sum every pass's selections, in the order of
-    :mod:`.messages`: group g+1 is received while the workers score group g,
-    and a pass's selections are received after the next pass's queries, to be
-    summed on the workers while that pass is scored."""
+    :mod:`.messages`.
+
+    Each group is one worker's task, and as many groups are in flight as
+    there are workers, so a group's queries are loaded once; the last groups
+    are split over the workers so that none waits at the end. A pass's
+    selections are received after the next pass's queries, once every score
+    of that pass has gone out, and summed on the workers while the next pass
+    is scored.
+    """
     started = time.perf_counter()
     sums = _SelectionSums(ckks, work, pool)
+    groups = [(p, g) for p, passes in enumerate(layout.positions) for g in passes]
+    split_from = len(groups) - max(1, pool.workers - 1)
     with tqdm(
-        total=sum(len(groups) for groups in layout.positions),
+        total=len(groups),
         desc="server: linkage",
         unit="group",
         disable=not options.progress,
     ) as bar:
-        pending = None
-        for p, groups in enumerate(layout.positions):
-            for positions in groups:
-                queries = _receive_queries(channel, ckks, query_count(data.spec.dims))
-                submitted = submit_group(pool, queries, positions)
-                if pending is not None:
-                    _send_scores(channel, pending, bar)
-                pending = submitted
-            if p > 0:
-                sums.receive(channel, layout.positions[p - 1])
-        if pending is not None:
-            _send_scores(channel, pending, bar)
-        if layout.positions:
-            sums.receive(channel, layout.positions[-1])
+        pending: deque = deque()  # (pass, futures), in group order
+
+        def send_scores(until_pass: int | None = None, keep: int = 0) -> None:
+            while len(pending) > keep and (
+                until_pass is None or pending[0][0] <= until_pass
+            ):
+                _send_scores(channel, pending.popleft()[1], bar)
+
+        for index, (p, positions) in enumerate(groups):
+            if index and p != groups[index - 1][0] and p > 1:
+                # Pass p-2's scores are all out: its selections come next.
+                send_scores(until_pass=p - 2)
+                sums.receive(channel, layout.positions[p - 2])
+            queries = _receive_queries(channel, ckks, query_count(data.spec.dims))
+            pending.append(
+                (p, submit_group(pool, queries, positions, split=index >= split_from))
+            )
+            send_scores(keep=pool.workers - 1)
+        send_scores()
+        for p in range(max(0, len(layout.positions) - 2), len(layout.positions)):
+            sums.receive(channel, layout.positions[p])
     acc = sums.finish(public)
     positions = sum(sum(c) for c in layout.counts())
     _log_phase(

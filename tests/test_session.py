@@ -73,16 +73,19 @@ def server_data(demo, tmp_path_factory):
     return load_server_data(server_sample(demo, tmp_path_factory), SPEC, {}, policy)
 
 
-def run_pair(server_data, client_frame: pd.DataFrame):
+def run_pair(server_data, client_frame: pd.DataFrame, workers: int = 1):
     """One whole session; returns (server channel, client channel, client result)."""
     ours, theirs = socket.socketpair()
+    for end in (ours, theirs):
+        end.settimeout(120.0)  # a deadlock fails the test instead of hanging it
     server_channel, client_channel = RecordingChannel(ours), RecordingChannel(theirs)
     outcome: dict = {}
 
     def serve() -> None:
         try:
             outcome["server"] = run_session(server_channel, server_data,
-                                            SessionOptions(workers=1, progress=False))
+                                            SessionOptions(workers=workers,
+                                                           progress=False))
         except Exception as exc:  # reported by the assertion below
             outcome["error"] = exc
 
@@ -124,14 +127,40 @@ def same_shape(a: list[tuple[str, str, int]], b: list[tuple[str, str, int]]) -> 
     return True
 
 
-@pytest.fixture(scope="module")
-def sessions(demo, server_data):
+def partners_and_strangers(demo) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Client records whose duplicate is in the server sample, and the rest."""
     client, server = demo
     partners = client[client["rec_id"].str.replace("org", "dup-0").isin(server["rec_id"].iloc[:400])]
     strangers = client[~client["rec_id"].isin(partners["rec_id"])]
+    return partners, strangers
+
+
+@pytest.fixture(scope="module")
+def sessions(demo, server_data):
+    partners, strangers = partners_and_strangers(demo)
     matching = run_pair(server_data, partners.iloc[:300])
     unrelated = run_pair(server_data, strangers.iloc[:700])
     return matching, unrelated
+
+
+def test_more_workers_than_groups_per_pass_give_the_same_result(
+    demo, server_data, sessions
+) -> None:
+    # 300 records: one group per pass. With three workers, three groups are in
+    # flight and the last two are split over the workers, so a pass's
+    # selections are due while groups of later passes are still being scored:
+    # the server must send that pass's scores first, or both sides wait.
+    (_, _, alone), _ = sessions
+    partners, _ = partners_and_strangers(demo)
+
+    server, _, three = run_pair(server_data, partners.iloc[:300], workers=3)
+
+    assert [len(g) for g in session_layout(server_data, 1024).positions] == [1] * 4
+    assert np.array_equal(three.matched, alone.matched) and alone.matched.any()
+    assert np.allclose(three.averages, alone.averages, atol=1e-6, equal_nan=True)
+    assert sum(1 for _, m, _ in server.frames if m == Msg.SCORE_CT) == sum(
+        sum(c) for c in session_layout(server_data, 1024).counts()
+    )
 
 
 def test_server_receives_the_same_traffic_from_matching_and_unrelated_clients(
