@@ -195,7 +195,7 @@ def run_once(args, workdir: Path) -> dict:
         raise SystemExit(f"client exited with {code}; server log:\n{log.read_text()}")
     text = log.read_text()
     phases = re.findall(r"phase (.+?): ([\d.]+) s", text)
-    products = re.search(r"phase linkage and selection: .*products=(\d+)", text)
+    products = re.search(r"phase linkage: .*products=(\d+)", text)
     return {
         "seconds": seconds,
         "client_peak": client_peak,
@@ -235,9 +235,10 @@ def blocking_recall(spec, ours, theirs, truth) -> float:
     return float(met.mean())
 
 
-# The server phase that scores the groups; the selections of all passes but
-# the last are received and summed within it (see protocol/messages.py).
-LINKAGE_PHASE = "linkage and selection"
+# The server phase from the first query to the last score sent; the
+# selections of all passes but the last are received and summed within it
+# (see protocol/messages.py).
+LINKAGE_PHASE = "linkage"
 ALL_PAIRS_SAMPLE = 2000
 
 

@@ -2,10 +2,11 @@
 
 What crosses the wire:
 
-- C -> S (after linkage, before the size check): one SELECTION_CT per server
-  position of every group of every pass, in the order the scores came. Slot s
-  is 1 when the client record in slot s links to that position (the rule of
-  :mod:`.reference`: all candidates of the first pass that has any), else 0.
+- C -> S (during the linkage, see :mod:`.messages`): for each pass, after the
+  next pass's queries, one SELECTION_CT per server position of each of its
+  groups, in the order the scores came. Slot s is 1 when the client record in
+  slot s links to that position (the rule of :mod:`.reference`: all
+  candidates of the first pass that has any), else 0.
 - S -> C (only if the size check passed): TABLE, a JSON header with the public
   scales, and then one TABLE_CT per cell, every slot of which holds
   rho_c / S * (sum_c / V + i * count_c) for a fresh factor rho_c in [1, 2);

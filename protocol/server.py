@@ -220,19 +220,19 @@ def _linkage_and_selection(
             )
             send_scores(keep=pool.workers - 1)
         send_scores()
+        positions = sum(sum(c) for c in layout.counts())
+        _log_phase(
+            "linkage",
+            started,
+            channel,
+            groups=len(groups),
+            positions=positions,
+            products=positions * query_count(data.spec.dims),
+        )
         for p in range(max(0, len(layout.positions) - 2), len(layout.positions)):
             sums.receive(channel, layout.positions[p])
     acc = sums.finish(public)
-    positions = sum(sum(c) for c in layout.counts())
-    _log_phase(
-        "linkage and selection",
-        started,
-        channel,
-        groups=sum(len(groups) for groups in layout.positions),
-        positions=positions,
-        products=positions * query_count(data.spec.dims),
-        cells=acc.cells,
-    )
+    _log_phase("linkage and selection", started, channel, cells=acc.cells)
     return acc
 
 
