@@ -464,6 +464,10 @@ def sa_ciphertext():
 def sweep(args) -> int:
     """Generate each size with data/generate.py, measure it, print one table."""
     sizes = [tuple(int(n) for n in item.split("x")) for item in args.sizes.split(",")]
+    print(
+        f"one linkage multiply_plain, measured now: {args.product_seconds * 1e3:.3f} ms"
+        " (ratio_to_floor's unit)"
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for clients, servers in sizes:
