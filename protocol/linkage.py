@@ -47,6 +47,7 @@ import numpy as np
 import tenseal.sealapi as sa
 
 from .blinding import log_uniform_factors, small_noise
+from .framing import ProtocolError
 from .he import LAST, Ckks, PublicKeyHolder
 from .layout import SLOTS, server_plain_matrix
 
@@ -88,9 +89,14 @@ def score_position(
     factors = log_uniform_factors(SLOTS, *SCORE_FACTOR_EXPONENTS)
     paired, used = _conjugate_pairs(plains, factors)
     evaluator, acc = ckks.evaluator, None
-    for j in np.flatnonzero(used):
-        plain = ckks.encode(paired[j], QUERY_LEVEL, PLAIN_SCALE)
-        acc = ckks.multiply_add(acc, queries[j], plain)
+    try:
+        for j in np.flatnonzero(used):
+            plain = ckks.encode(paired[j], QUERY_LEVEL, PLAIN_SCALE)
+            acc = ckks.multiply_add(acc, queries[j], plain)
+    except RuntimeError as exc:
+        # SEAL refuses a sum whose random half cancels out: fresh encryptions
+        # never do that, one ciphertext sent for several dimensions can.
+        raise ProtocolError(f"queries refused: {exc} (a repeated ciphertext?)") from exc
     if acc is None:
         # No server record at this position has a non-zero vector: every score is 0.
         acc = public.encrypt_zero(queries[0])

@@ -546,3 +546,21 @@ def test_submit_group_submits_nothing_for_a_group_without_positions(
                                np.zeros((0, SLOTS), dtype=np.int64))
 
     assert futures == []
+
+
+def test_one_ciphertext_sent_for_every_dimension_is_refused_not_crashed(
+    ckks: Ckks, secret: SecretKeyHolder, public: PublicKeyHolder
+) -> None:
+    # Signed hashing puts +c and -c in two dimensions of one record, so the
+    # server's first two plaintexts cancel. Fresh queries have independent
+    # random halves and never sum to a transparent ciphertext; the same query
+    # twice does, which SEAL refuses: the session must end with a protocol
+    # error, not an internal one.
+    plains = np.zeros((4, SLOTS))
+    plains[0, 0], plains[2, 0] = 0.5, -0.5
+    query = linkage.load_query(ckks, query_bytes_of(secret, np.zeros(SLOTS)))
+    other = linkage.load_query(ckks, query_bytes_of(secret, np.zeros(SLOTS)))
+
+    linkage.score_position(ckks, public, [query, other], plains, THRESHOLD)
+    with pytest.raises(ProtocolError, match="queries refused"):
+        linkage.score_position(ckks, public, [query, query], plains, THRESHOLD)

@@ -23,7 +23,8 @@ from protocol.client import QueryRefused, make_query, run_client
 from protocol.framing import ProtocolError
 from protocol.handshake import ServerPolicy, client_hello
 from protocol.he import DEFAULT_PARAMETERS, Ckks, SecretKeyHolder
-from protocol.messages import Channel, Msg
+from protocol.linkage import QUERY_LEVEL, QUERY_SCALE
+from protocol.messages import Channel, Msg, PeerError
 from protocol.records import linkage_columns
 from protocol.reference import pass_shapes, prepare
 from protocol.layout import query_count, server_depth
@@ -288,3 +289,49 @@ def test_a_query_at_the_wrong_level_ends_the_session_with_a_protocol_error(
 
     assert isinstance(outcome.get("error"), ProtocolError)
     assert "ciphertext refused" in str(outcome["error"])
+
+
+def test_a_selection_before_the_next_pass_s_queries_ends_the_session(
+    server_data,
+) -> None:
+    # A pass's selections are due only after the next pass's queries; one sent
+    # early is refused by type, and the server says so instead of waiting.
+    ours, theirs = socket.socketpair()
+    theirs.settimeout(120.0)
+    server_channel, client_channel = Channel(ours), Channel(theirs)
+    outcome: dict = {}
+
+    def serve() -> None:
+        try:
+            run_session(server_channel, server_data,
+                        SessionOptions(workers=1, progress=False))
+        except Exception as exc:  # inspected below
+            outcome["error"] = exc
+            server_channel.send_error(str(exc))
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        query = make_query(("state",), "age", 10, DEFAULT_PARAMETERS)
+        client_channel.send_json(Msg.CLIENT_HELLO, client_hello(SPEC, query))
+        hello = client_channel.recv_json(Msg.SERVER_HELLO)
+        ckks = Ckks(DEFAULT_PARAMETERS)
+        keys = SecretKeyHolder(ckks)
+        for msg, blob in zip((Msg.PUBLIC_KEY, Msg.GALOIS_KEYS), keys.public_bytes()):
+            client_channel.send(msg, blob)
+        assert [len(c) for c in hello["positions"]] == [1, 1, 1, 1]
+        for _ in range(query_count(SPEC.dims)):  # pass 0, its one group, empty
+            client_channel.send(Msg.QUERY_CT, keys.encrypt_to_bytes(
+                np.zeros(ckks.slots), QUERY_LEVEL, QUERY_SCALE))
+        client_channel.send(Msg.SELECTION_CT, keys.encrypt_to_bytes(np.zeros(ckks.slots)))
+        with pytest.raises(PeerError, match="expected QUERY_CT, received SELECTION_CT"):
+            while True:
+                client_channel.recv(Msg.SCORE_CT)
+        thread.join(timeout=120)
+        ckks.close()
+    finally:
+        ours.close()
+        theirs.close()
+
+    assert not thread.is_alive()
+    assert isinstance(outcome.get("error"), ProtocolError)
