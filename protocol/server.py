@@ -202,6 +202,7 @@ def _linkage_and_selection(
         disable=not options.progress,
     ) as bar:
         pending: deque = deque()  # (pass, futures), in group order
+        summed = 0  # passes whose selections have been received
 
         def send_scores(until_pass: int | None = None, keep: int = 0) -> None:
             while len(pending) > keep and (
@@ -209,11 +210,16 @@ def _linkage_and_selection(
             ):
                 _send_scores(channel, pending.popleft()[1], bar)
 
+        def receive_selections(through_pass: int) -> None:
+            nonlocal summed
+            while summed <= through_pass:
+                send_scores(until_pass=summed)  # the client waits for them
+                sums.receive(channel, layout.positions[summed])
+                summed += 1
+
         for index, (p, positions) in enumerate(groups):
-            if index and p != groups[index - 1][0] and p > 1:
-                # Pass p-2's scores are all out: its selections come next.
-                send_scores(until_pass=p - 2)
-                sums.receive(channel, layout.positions[p - 2])
+            # Pass p-1's queries are all in, so pass p-2's selections are next.
+            receive_selections(p - 2)
             queries = _receive_queries(channel, ckks, query_count(data.spec.dims))
             pending.append(
                 (p, submit_group(pool, queries, positions, split=index >= split_from))
@@ -229,8 +235,7 @@ def _linkage_and_selection(
             positions=positions,
             products=positions * query_count(data.spec.dims),
         )
-        for p in range(max(0, len(layout.positions) - 2), len(layout.positions)):
-            sums.receive(channel, layout.positions[p])
+        receive_selections(len(layout.positions) - 1)
     acc = sums.finish(public)
     _log_phase("linkage and selection", started, channel, cells=acc.cells)
     return acc
