@@ -10,9 +10,11 @@ check's answer is one bit per asked value.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -249,12 +251,14 @@ def test_positions_announced_depend_only_on_the_server_depth(demo, tmp_path) -> 
     assert deepest_a != deepest_b
 
 
-def test_a_query_at_the_wrong_level_ends_the_session_with_a_protocol_error(
-    server_data,
-) -> None:
-    # The session process checks only the SEAL header; the worker that would
-    # use the ciphertext checks its level and refuses it before any product.
+@contextlib.contextmanager
+def hand_made_client(server_data) -> Iterator[tuple[Channel, SecretKeyHolder, dict, dict]]:
+    """A server session in a thread and a client channel past the handshake
+    (10 records: one group per pass), for tests that then misbehave. Yields
+    (client channel, keys, server hello, outcome); outcome["error"] is what
+    ended the session, which, as serve_one does, reports it and closes."""
     ours, theirs = socket.socketpair()
+    theirs.settimeout(120.0)
     server_channel, client_channel = Channel(ours), Channel(theirs)
     outcome: dict = {}
 
@@ -262,30 +266,41 @@ def test_a_query_at_the_wrong_level_ends_the_session_with_a_protocol_error(
         try:
             run_session(server_channel, server_data,
                         SessionOptions(workers=1, progress=False))
-        except Exception as exc:  # inspected below
+        except Exception as exc:  # inspected by the test
             outcome["error"] = exc
+            server_channel.send_error(str(exc))
         finally:
-            ours.close()  # as serve_one does: the client's next send fails
+            ours.close()
 
     thread = threading.Thread(target=serve)
     thread.start()
+    ckks = Ckks(DEFAULT_PARAMETERS)
     try:
         query = make_query(("state",), "age", 10, DEFAULT_PARAMETERS)
         client_channel.send_json(Msg.CLIENT_HELLO, client_hello(SPEC, query))
         hello = client_channel.recv_json(Msg.SERVER_HELLO)
-        groups = sum(len(counts) for counts in hello["positions"])
-        ckks = Ckks(DEFAULT_PARAMETERS)
         keys = SecretKeyHolder(ckks)
         for msg, blob in zip((Msg.PUBLIC_KEY, Msg.GALOIS_KEYS), keys.public_bytes()):
             client_channel.send(msg, blob)
-        top_level = keys.encrypt_to_bytes(np.zeros(ckks.slots))  # queries go at LAST
+        yield client_channel, keys, hello, outcome
+        thread.join(timeout=120)
+        assert not thread.is_alive()
+    finally:
+        ckks.close()
+        theirs.close()
+
+
+def test_a_query_at_the_wrong_level_ends_the_session_with_a_protocol_error(
+    server_data,
+) -> None:
+    # The session process checks only the SEAL header; the worker that would
+    # use the ciphertext checks its level and refuses it before any product.
+    with hand_made_client(server_data) as (channel, keys, hello, outcome):
+        groups = sum(len(counts) for counts in hello["positions"])
+        top_level = keys.encrypt_to_bytes(np.zeros(keys.ckks.slots))  # queries go at LAST
         with pytest.raises(OSError):  # the server stops reading and closes
             for _ in range(groups * query_count(SPEC.dims)):  # as a client streams
-                client_channel.send(Msg.QUERY_CT, top_level)
-        thread.join(timeout=120)
-        ckks.close()
-    finally:
-        theirs.close()
+                channel.send(Msg.QUERY_CT, top_level)
 
     assert isinstance(outcome.get("error"), ProtocolError)
     assert "ciphertext refused" in str(outcome["error"])
@@ -296,42 +311,15 @@ def test_a_selection_before_the_next_pass_s_queries_ends_the_session(
 ) -> None:
     # A pass's selections are due only after the next pass's queries; one sent
     # early is refused by type, and the server says so instead of waiting.
-    ours, theirs = socket.socketpair()
-    theirs.settimeout(120.0)
-    server_channel, client_channel = Channel(ours), Channel(theirs)
-    outcome: dict = {}
-
-    def serve() -> None:
-        try:
-            run_session(server_channel, server_data,
-                        SessionOptions(workers=1, progress=False))
-        except Exception as exc:  # inspected below
-            outcome["error"] = exc
-            server_channel.send_error(str(exc))
-
-    thread = threading.Thread(target=serve)
-    thread.start()
-    try:
-        query = make_query(("state",), "age", 10, DEFAULT_PARAMETERS)
-        client_channel.send_json(Msg.CLIENT_HELLO, client_hello(SPEC, query))
-        hello = client_channel.recv_json(Msg.SERVER_HELLO)
-        ckks = Ckks(DEFAULT_PARAMETERS)
-        keys = SecretKeyHolder(ckks)
-        for msg, blob in zip((Msg.PUBLIC_KEY, Msg.GALOIS_KEYS), keys.public_bytes()):
-            client_channel.send(msg, blob)
+    with hand_made_client(server_data) as (channel, keys, hello, outcome):
+        slots = keys.ckks.slots
         assert [len(c) for c in hello["positions"]] == [1, 1, 1, 1]
         for _ in range(query_count(SPEC.dims)):  # pass 0, its one group, empty
-            client_channel.send(Msg.QUERY_CT, keys.encrypt_to_bytes(
-                np.zeros(ckks.slots), QUERY_LEVEL, QUERY_SCALE))
-        client_channel.send(Msg.SELECTION_CT, keys.encrypt_to_bytes(np.zeros(ckks.slots)))
+            channel.send(Msg.QUERY_CT, keys.encrypt_to_bytes(
+                np.zeros(slots), QUERY_LEVEL, QUERY_SCALE))
+        channel.send(Msg.SELECTION_CT, keys.encrypt_to_bytes(np.zeros(slots)))
         with pytest.raises(PeerError, match="expected QUERY_CT, received SELECTION_CT"):
             while True:
-                client_channel.recv(Msg.SCORE_CT)
-        thread.join(timeout=120)
-        ckks.close()
-    finally:
-        ours.close()
-        theirs.close()
+                channel.recv(Msg.SCORE_CT)
 
-    assert not thread.is_alive()
     assert isinstance(outcome.get("error"), ProtocolError)
