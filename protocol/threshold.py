@@ -88,10 +88,6 @@ class Decoys:
     factors: np.ndarray  # sigma * r, as for cells
     counts: np.ndarray  # the n each decoy pretends to be
 
-    def values(self) -> list[float]:
-        """What each decoy's total holds in every slot: factor * n."""
-        return (self.factors * self.counts).tolist()
-
 
 def draw_decoys(cells: int, min_cell_size: int, size_class: int) -> Decoys:
     count = decoy_count(cells)
@@ -113,9 +109,9 @@ def build_check(
     ``checks[c]`` holds factors[c] * n_c in every slot, or is None when no
     server record of cell c sits at any position (n_c = 0 for certain). The
     offsets are added to those ciphertexts in place: build one check per
-    accumulator. ``fresh`` makes the totals of those empty cells, and of the
-    decoys unless ``decoys`` brings their finished check values, made before
-    (:func:`decoy_checks`, on the workers).
+    accumulator. ``fresh`` makes the totals of those empty cells. The decoys'
+    check values are drawn and made here unless ``decoys`` brings them, made
+    before (:func:`decoy_checks`, on the workers).
     """
     if fresh is None:
 
@@ -125,12 +121,11 @@ def build_check(
     cells = len(checks)
     if decoys is None:
         drawn = draw_decoys(cells, min_cell_size, size_class)
-        made = fresh(drawn.values())
         decoys = (
             drawn,
             [
-                _offset(ckks, public, total, factor, min_cell_size)
-                for total, factor in zip(made, drawn.factors)
+                _decoy_check(ckks, public, f, n, min_cell_size)
+                for f, n in zip(drawn.factors, drawn.counts)
             ],
         )
     chosen, decoy_values = decoys
@@ -175,16 +170,21 @@ def fresh_totals(worker: Worker, values: list[float]) -> list[bytes]:
 def decoy_checks(
     worker: Worker, factors: list[float], counts: list[float], min_cell_size: int
 ) -> list[bytes]:
-    """Worker task: finished check values of decoys, serialised: a total made
-    as a real cell's is (:func:`_fresh_total` of factor * n), then offset and
-    re-randomised as a real cell's check is."""
+    """Worker task: :func:`_decoy_check` of each (factor, count), serialised."""
     ckks, public = worker.ckks, worker.public
     return [
-        ckks.to_bytes(
-            _offset(ckks, public, _fresh_total(ckks, public, f * n), f, min_cell_size)
-        )
+        ckks.to_bytes(_decoy_check(ckks, public, f, n, min_cell_size))
         for f, n in zip(factors, counts)
     ]
+
+
+def _decoy_check(
+    ckks: Ckks, public: PublicKeyHolder, factor: float, count: float, min_cell_size: int
+) -> sa.Ciphertext:
+    """One decoy's check value: the total of ``count`` made as a real cell's
+    is, then offset and re-randomised as a real cell's check is."""
+    total = _fresh_total(ckks, public, factor * count)
+    return _offset(ckks, public, total, factor, min_cell_size)
 
 
 def load_total(ckks: Ckks, data: bytes) -> sa.Ciphertext:
