@@ -23,3 +23,9 @@ def test_per_doubling_is_the_growth_per_doubling_of_both_sides() -> None:
     assert growth[1] == pytest.approx(2.0)  # 4x for two doublings
     assert math.isnan(growth[2])  # unbalanced
     assert growth[3] == pytest.approx(2.5)  # from 4000, skipping the unbalanced row
+
+
+def test_sweep_defaults_to_the_generated_data_spec_and_the_demo_to_febrl4s() -> None:
+    assert benchmark.parse_args([]).spec == benchmark.DEMO_SPEC
+    assert benchmark.parse_args(["--sweep"]).spec == benchmark.SWEEP_SPEC
+    assert benchmark.parse_args(["--sweep", "--spec", "x.json"]).spec == "x.json"
