@@ -294,6 +294,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--spec",
         metavar="JSON",
+        default=argparse.SUPPRESS,  # the default depends on --sweep, as said
         help=f"linkage specification (default: {DEMO_SPEC}; with --sweep, {SWEEP_SPEC})",
     )
     parser.add_argument("--group-by", default="state", metavar="COL[,COL]")
@@ -340,7 +341,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.group_by = [c for c in args.group_by.split(",") if c]
-    args.spec = args.spec or (SWEEP_SPEC if args.sweep else DEMO_SPEC)
+    args.spec = getattr(args, "spec", SWEEP_SPEC if args.sweep else DEMO_SPEC)
     return args
 
 
