@@ -34,8 +34,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from protocol.cli import defaults_beside_script
 from protocol.layout import client_slots, padded_count
-from protocol.records import linkage_columns, numeric_column, read_csv
+from protocol.records import InputError, linkage_columns, numeric_column, read_csv
 from protocol.reference import (
     first_pass_decisions,
     first_pass_links,
@@ -44,7 +45,7 @@ from protocol.reference import (
     prepare,
     reference_candidates,
 )
-from protocol.spec import load_spec
+from protocol.spec import SpecError, load_spec
 from protocol.table import cell_of_records, plain_table, table_shape
 
 HERE = Path(__file__).resolve().parent
@@ -341,17 +342,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.group_by = [c for c in args.group_by.split(",") if c]
-    args.spec = getattr(args, "spec", SWEEP_SPEC if args.sweep else DEMO_SPEC)
+    args.sizes = _sizes(parser, args.sizes)
+    if not hasattr(args, "spec"):
+        # Told to the parser as the default, so that it, like the data files,
+        # is found beside this script when it is run from elsewhere.
+        parser.set_defaults(spec=SWEEP_SPEC if args.sweep else DEMO_SPEC)
+        args.spec = parser.get_default("spec")
+    defaults_beside_script(
+        parser, args, __file__, ("client_data", "server_data", "spec")
+    )
     return args
+
+
+def _sizes(parser: argparse.ArgumentParser, text: str) -> list[tuple[int, int]]:
+    """--sizes as (clients, servers) pairs, or a usage error naming the flag."""
+    try:
+        sizes = [tuple(int(n) for n in item.split("x")) for item in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(len(pair) != 2 or min(pair) < 1 for pair in sizes):
+        parser.error(f"--sizes: expected CxS[,CxS] such as 1000x1000, found {text!r}")
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        if args.sweep:
+            return sweep(args)
+        measured = measure(args)
+    except (SpecError, InputError) as exc:
+        print(f"benchmark: {exc}", file=sys.stderr)
+        return 2
     args.product_seconds = product_seconds()
-
-    if args.sweep:
-        return sweep(args)
-    report(measure(args), args)
+    report(measured, args)
     return 0
 
 
@@ -480,14 +504,15 @@ def sa_ciphertext():
 
 def sweep(args) -> int:
     """Generate each size with data/generate.py, measure it, print one table."""
-    sizes = [tuple(int(n) for n in item.split("x")) for item in args.sizes.split(",")]
+    load_spec(args.spec)  # a bad specification stops the sweep before it starts
+    args.product_seconds = product_seconds()
     print(
         f"one linkage multiply_plain, measured now: {args.product_seconds * 1e3:.3f} ms"
         " (ratio_to_floor's unit)"
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for clients, servers in sizes:
+        for clients, servers in args.sizes:
             folder = Path(tmp) / f"{clients}x{servers}"
             subprocess.run(
                 [
